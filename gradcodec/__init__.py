@@ -1,0 +1,26 @@
+"""gradcodec: compress gradients and LoRA updates for federated fine-tuning of LLMs.
+
+    blob = gradcodec.encode(update, "topk:ratio=0.01|int8|zstd")   # bytes, self-describing
+    update_hat = gradcodec.decode(blob)                             # same names, shapes, dtypes
+
+See docs/architecture.md for the design and docs/codecs.md for every codec's bound.
+"""
+from . import errors
+from .api import PayloadInfo, TensorInfo, decode, encode, get_codec, inspect, list_codecs
+from .codec import Codec
+from .feedback import ErrorFeedback
+
+__version__ = "0.1.0"
+__all__ = [
+    "Codec",
+    "ErrorFeedback",
+    "PayloadInfo",
+    "TensorInfo",
+    "decode",
+    "encode",
+    "errors",
+    "get_codec",
+    "inspect",
+    "list_codecs",
+    "__version__",
+]

@@ -1,0 +1,78 @@
+"""Error feedback around any lossy codec: what one round's encoding loses is added to the next.
+
+    x_t ──▶ e = x_t + r_t ──▶ codec.encode(e) ──▶ bytes        r_{t+1} = e - decode(bytes)
+
+The residual r lives only on the client (the encoder side): the decoder needs nothing from it, so
+clients may join and leave; each keeps its own ErrorFeedback object across rounds and saves it with
+`state_dict()` if it restarts. Residuals are float32, one per tensor name, on the input's device.
+With int8/int4 codecs the update runs as one fused kernel pass (see gradcodec.kernels).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .codec import Codec, Tensors, as_named
+from .errors import InvalidInput
+
+RESIDUAL = "residual."
+CODEC = "codec."
+
+
+class ErrorFeedback:
+    """Wrap `codec` so that each encode also carries what earlier encodes left out."""
+
+    def __init__(self, codec: Codec):
+        if codec.lossless:
+            raise InvalidInput(f"error feedback needs a lossy codec; {codec.spec!r} loses nothing")
+        self.codec = codec
+        self.residuals: dict[str, torch.Tensor] = {}
+
+    @property
+    def spec(self) -> str:
+        return self.codec.spec
+
+    @property
+    def lossless(self) -> bool:
+        return False
+
+    def encode(self, x: Tensors) -> bytes:
+        named, _ = as_named(x)
+        for name, t in named.items():
+            r = self.residuals.get(name)
+            if r is None or r.shape != t.shape or r.device != t.device:
+                if r is not None and r.shape != t.shape:
+                    raise InvalidInput(
+                        f"tensor {name!r} has shape {tuple(t.shape)} but its residual has {tuple(r.shape)};"
+                        " call reset() when the model changes shape"
+                    )
+                self.residuals[name] = torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+        return self.codec.encode(x, residuals=self.residuals)
+
+    def decode(self, blob: bytes, device: str | torch.device | None = None, max_output_bytes: int | None = None) -> Tensors:
+        return self.codec.decode(blob, device, max_output_bytes)
+
+    def reset(self) -> None:
+        """Forget all residuals (e.g. when the client's model is re-initialised)."""
+        self.residuals.clear()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Residuals and the wrapped codec's state, for torch.save between sessions."""
+        state = {RESIDUAL + k: v for k, v in self.residuals.items()}
+        state.update({CODEC + k: v for k, v in self.codec.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        residuals, codec_state = {}, {}
+        for key, value in state.items():
+            if key.startswith(RESIDUAL):
+                if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
+                    raise InvalidInput(f"residual {key!r} must be a float32 tensor")
+                residuals[key[len(RESIDUAL):]] = value
+            elif key.startswith(CODEC):
+                codec_state[key[len(CODEC):]] = value
+            else:
+                raise InvalidInput(f"unexpected key {key!r} in error-feedback state")
+        self.codec.load_state_dict(codec_state)
+        self.residuals = residuals
