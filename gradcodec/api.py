@@ -29,11 +29,9 @@ def get_codec(
     allow_nonfinite: let NaN/Inf through (lossless codecs only); by default they raise InvalidInput.
     params: parameters of one stage of the spec, e.g. get_codec("int8", block=128).
     """
-    kind, root, byte_stage = registry.build(spec, params)
-    if kind == "codec":
-        codec = root.bind(byte_stage=byte_stage, seed=seed, allow_nonfinite=allow_nonfinite)
-    else:
-        codec = PipelineCodec(root, byte_stage, seed=seed, allow_nonfinite=allow_nonfinite)
+    options = {"seed": seed, "allow_nonfinite": allow_nonfinite}
+    kind, root, byte_stage = registry.build(spec, params, resources=options)
+    codec = root if kind == "codec" else PipelineCodec(root, byte_stage, **options)
     return ErrorFeedback(codec) if error_feedback else codec
 
 
@@ -60,10 +58,10 @@ def decode(
     """
     msg = unpack(blob, max_output_bytes)
     try:
-        kind, root, _ = registry.build(msg.codec, resources={"models": models} if models is not None else None)
+        kind, root, _ = registry.build(msg.codec, resources={"models": models})
     except InvalidInput as e:
         raise CorruptPayload(f"payload names an invalid codec spec {msg.codec!r}: {e}") from None
-    codec = root.bind() if kind == "codec" else PipelineCodec(root)
+    codec = root if kind == "codec" else PipelineCodec(root)
     return codec.decode_message(msg, device)
 
 

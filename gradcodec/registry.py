@@ -142,9 +142,10 @@ def build(spec: str, params: dict[str, Any] | None = None, resources: dict[str, 
     """Build the stages of `spec`: returns (kind, root, byte_stage).
 
     kind is "pipeline" (root is the first Stage, each transform holding the next as `inner`) or
-    "codec" (root is a whole-tensor-set codec). `params` are keyword parameters from the caller,
-    each given to the one stage that accepts it. `resources` (e.g. loaded models for a learned
-    codec) are offered to stages whose constructor names them.
+    "codec" (root is a ready whole-tensor-set Codec). `params` are keyword parameters from the
+    caller, each given to the one stage that accepts it. `resources` (codec options such as seed,
+    and loaded models for a learned codec) are passed to a whole-set codec's constructor where it
+    names them, together with the byte stage.
     """
     parsed = [(lookup(name), dict(raw)) for name, raw in parse_spec(spec)]
     for key, value in (params or {}).items():
@@ -166,7 +167,7 @@ def build(spec: str, params: dict[str, Any] | None = None, resources: dict[str, 
             raise InvalidInput(f"codec {parsed[kinds.index('codec')][0].name!r} cannot be combined with other stages")
         cls, raw = parsed[0]
         extra = {k: v for k, v in (resources or {}).items() if accepts(cls, k)}
-        return "codec", _construct(cls, raw, extra), byte_stage
+        return "codec", _construct(cls, raw, {**extra, "byte_stage": byte_stage}), byte_stage
     if not parsed or parsed[-1][0].kind != "quantizer":
         parsed.append((lookup("raw"), {}))
     if any(cls.kind == "quantizer" for cls, _ in parsed[:-1]):

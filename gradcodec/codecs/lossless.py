@@ -32,11 +32,22 @@ class Zstd:
 
 
 def zstd_decompress(data: bytes | memoryview, size: int) -> bytes:
-    """Decompress one zstd frame that must expand to exactly `size` bytes."""
+    """Decompress one zstd frame that must expand to exactly `size` bytes.
+
+    The frame's own content-size field is not trusted: output is read in bounded chunks and
+    decompression stops as soon as it would pass `size`.
+    """
+    out = bytearray()
     try:
-        out = zstandard.ZstdDecompressor().decompress(bytes(data), max_output_size=size)
+        with zstandard.ZstdDecompressor().stream_reader(bytes(data), read_across_frames=False) as reader:
+            while len(out) <= size:
+                chunk = reader.read(min(size + 1 - len(out), 1 << 20))
+                if not chunk:
+                    break
+                out += chunk
+            trailing = reader.read(1) if len(out) == size else b""
     except zstandard.ZstdError as e:
         raise CorruptPayload(f"zstd payload does not decompress: {e}") from None
-    if len(out) != size:
-        raise CorruptPayload(f"zstd payload expands to {len(out)} bytes, the header declares {size}")
-    return out
+    if len(out) != size or trailing:
+        raise CorruptPayload(f"zstd payload expands to {'more than ' if trailing else ''}{len(out)} bytes, the header declares {size}")
+    return bytes(out)

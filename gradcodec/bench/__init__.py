@@ -1,0 +1,1 @@
+"""`gradcodec bench`: compression ratio, distortion and speed of codecs on chosen workloads."""

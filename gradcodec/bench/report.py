@@ -1,0 +1,87 @@
+"""Render benchmark rows: a terminal table, a JSON file, and a rate-distortion plot."""
+from __future__ import annotations
+
+import json
+import math
+import platform
+from pathlib import Path
+
+import torch
+
+from .runner import Row
+
+COLUMNS = [
+    ("codec", "{:<34}", lambda r: r.codec[:34]),
+    ("ratio", "{:>8}", lambda r: f"{r.ratio:.1f}x"),
+    ("bits/el", "{:>8}", lambda r: f"{r.bits_per_element:.3f}"),
+    ("rel_l2", "{:>8}", lambda r: f"{r.rel_l2:.4f}"),
+    ("cosine", "{:>7}", lambda r: f"{r.cosine:.4f}"),
+    ("SNR dB", "{:>7}", lambda r: "inf" if math.isinf(r.snr_db) else f"{r.snr_db:.1f}"),
+    ("max_abs", "{:>9}", lambda r: f"{r.max_abs:.2e}"),
+    ("enc GB/s", "{:>9}", lambda r: f"{r.gbps(r.encode):.3f}"),
+    ("±", "{:>4}", lambda r: f"{100 * r.encode.spread:.0f}%"),
+    ("enc/copy", "{:>8}", lambda r: f"{r.copy_fraction(r.encode):.2f}"),
+    ("dec GB/s", "{:>9}", lambda r: f"{r.gbps(r.decode):.3f}"),
+    ("±", "{:>4}", lambda r: f"{100 * r.decode.spread:.0f}%"),
+    ("dec/copy", "{:>8}", lambda r: f"{r.copy_fraction(r.decode):.2f}"),
+]
+
+
+def machine() -> str:
+    """One line naming the machine the figures come from."""
+    cpu = platform.processor() or platform.machine()
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{platform.system()} {cpu}, {torch.get_num_threads()} torch threads{gpu}, torch {torch.__version__}"
+
+
+def table(rows: list[Row]) -> str:
+    lines = []
+    for workload in dict.fromkeys(r.workload for r in rows):
+        group = [r for r in rows if r.workload == workload]
+        first = group[0]
+        copy_gbps = first.input_bytes / first.copy.median / 1e9
+        lines.append(
+            f"workload {workload}: {first.elements:,} elements, {first.input_bytes / 2**20:.1f} MiB;"
+            f" copy (clone) {copy_gbps:.2f} GB/s ±{100 * first.copy.spread:.0f}%"
+        )
+        lines.append(" ".join(fmt.format(name) for name, fmt, _ in COLUMNS))
+        lines += [" ".join(fmt.format(get(r)) for _, fmt, get in COLUMNS) for r in group]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_json(rows: list[Row], path: Path, command: str) -> None:
+    payload = {"command": command, "machine": machine(), "rows": [r.as_json() for r in rows]}
+    path.write_text(json.dumps(payload, indent=1, default=float))
+
+
+def family(spec: str) -> str:
+    """The codec family a spec belongs to, for grouping points into curves."""
+    first = spec.split("|")[0].split(":")[0]
+    return {"int8": "blockwise int", "int4": "blockwise int"}.get(first, first)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    """Rate-distortion curves: bits per element vs relative L2 error, one line per codec family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r.workload for r in rows))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.5), squeeze=False)
+    for ax, workload in zip(axes[0], workloads):
+        group = [r for r in rows if r.workload == workload and r.rel_l2 > 0]
+        for fam in dict.fromkeys(family(r.codec) for r in group):
+            pts = sorted((r.bits_per_element, r.rel_l2) for r in group if family(r.codec) == fam)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=fam)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per element")
+        ax.set_ylabel("relative L2 error")
+        ax.set_title(workload)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

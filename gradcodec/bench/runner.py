@@ -1,0 +1,188 @@
+"""Measure one codec on one workload: size, distortion, and encode/decode speed.
+
+Speeds are reported as GB/s of *input* (the uncompressed update), and next to the speed of a plain
+copy (`clone`, which reads and writes the input once) measured in the same run on the same device,
+so figures from noisy or different machines can be compared as fractions of the copy bandwidth.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .. import api, metrics
+from ..codec import Tensors
+
+
+@dataclass
+class Timing:
+    """Seconds per repeat; median and relative spread ((max - min) / median)."""
+
+    seconds: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def spread(self) -> float:
+        return (max(self.seconds) - min(self.seconds)) / self.median if self.median else 0.0
+
+
+@dataclass
+class Row:
+    codec: str
+    workload: str
+    elements: int
+    payload_bytes: int
+    ratio: float
+    bits_per_element: float
+    rel_l2: float
+    cosine: float
+    snr_db: float
+    max_abs: float
+    encode: Timing
+    decode: Timing
+    input_bytes: int
+    copy: Timing
+    extra: dict = field(default_factory=dict)
+
+    def gbps(self, t: Timing) -> float:
+        return self.input_bytes / t.median / 1e9
+
+    def copy_fraction(self, t: Timing) -> float:
+        return self.copy.median / t.median
+
+    def as_json(self) -> dict:
+        d = asdict(self)
+        for key in ("encode", "decode", "copy"):
+            t = getattr(self, key)
+            d[key] = {"seconds": t.seconds, "median_s": t.median, "spread": t.spread}
+            if key != "copy":
+                d[key]["gbps"] = self.gbps(t)
+                d[key]["fraction_of_copy"] = self.copy_fraction(t)
+        d["copy"]["gbps"] = self.input_bytes / self.copy.median / 1e9
+        return d
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_of(x: Tensors) -> torch.device:
+    if isinstance(x, torch.Tensor):
+        return x.device
+    return next(iter(x.values())).device if x else torch.device("cpu")
+
+
+def time_call(fn, repeats: int, device: torch.device, warmup: int = 1) -> tuple[Timing, object]:
+    """Run fn warmup + repeats times; return the timing of the repeats and the last result."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    _sync(device)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return Timing(seconds), out
+
+
+def copy_timing(x: Tensors, repeats: int) -> Timing:
+    """Time of one clone of the input (read + write of every byte): the bandwidth yardstick."""
+    device = _device_of(x)
+    if isinstance(x, torch.Tensor):
+        return time_call(lambda: x.clone(), repeats, device)[0]
+    return time_call(lambda: {k: v.clone() for k, v in x.items()}, repeats, device)[0]
+
+
+def bench_codec(spec: str, x: Tensors, workload: str, repeats: int, copy: Timing, seed: int = 0) -> Row:
+    """Encode and decode `x` with a fresh codec `spec` per repeat; measure size, distortion, speed."""
+    device = _device_of(x)
+    codec = api.get_codec(spec, seed=seed)
+    enc, blob = time_call(lambda: codec.encode(x), repeats, device)
+    dec, x_hat = time_call(lambda: api.decode(blob, device=device), repeats, device)
+    d = metrics.distortion(x, x_hat)
+    n, nbytes = metrics.numel(x), metrics.nbytes(x)
+    return Row(
+        codec=codec.spec,
+        workload=workload,
+        elements=n,
+        payload_bytes=len(blob),
+        ratio=nbytes / len(blob),
+        bits_per_element=8 * len(blob) / n,
+        rel_l2=d["rel_l2"],
+        cosine=d["cosine"],
+        snr_db=d["snr_db"],
+        max_abs=d["max_abs"],
+        encode=enc,
+        decode=dec,
+        input_bytes=nbytes,
+        copy=copy,
+    )
+
+
+# Named codec lists for --codecs. "default" is one representative setting per family; "sweep"
+# walks each family across rates for rate-distortion curves.
+CODEC_SETS = {
+    "default": [
+        "raw",
+        "fp16",
+        "bf16",
+        "int8",
+        "int4",
+        "int4:stochastic=true",
+        "qsgd",
+        "sign",
+        "topk:ratio=0.01|fp16",
+        "randk:ratio=0.01|fp16",
+        "powersgd:rank=4|fp16",
+        "int8|zstd",
+    ],
+    "sweep": [
+        "bf16",
+        "int8",
+        "int4",
+        "qsgd:levels=4",
+        "qsgd:levels=1",
+        "sign",
+        "sign:block=1024",
+        "topk:ratio=0.1|fp16",
+        "topk:ratio=0.01|fp16",
+        "topk:ratio=0.001|fp16",
+        "topk:ratio=0.1|int8",
+        "topk:ratio=0.01|int8",
+        "randk:ratio=0.1|fp16",
+        "randk:ratio=0.01|fp16",
+        "powersgd:rank=16|fp16",
+        "powersgd:rank=4|fp16",
+        "powersgd:rank=1|fp16",
+    ],
+}
+
+
+def expand_codecs(text: str) -> list[str]:
+    """Comma-free list syntax: names of codec sets and specs separated by ';' or ','.
+
+    Specs contain commas inside their parameters ("topk:ratio=0.1,k=0"), so a ',' only separates
+    specs where the next item starts a new stage name rather than a key=value.
+    """
+    items: list[str] = []
+    for part in text.replace(";", "\n").splitlines():
+        for piece in part.split(","):
+            piece = piece.strip()
+            if not piece:
+                continue
+            if items and "=" in piece.split("|")[0] and ":" not in piece.split("|")[0]:
+                items[-1] += "," + piece  # a parameter continuing the previous spec
+            else:
+                items.append(piece)
+    out: list[str] = []
+    for item in items:
+        out += CODEC_SETS.get(item, [item])
+    return out

@@ -1,0 +1,187 @@
+"""The byte layout: golden vectors pin it, and malformed headers get specific errors."""
+import struct
+import zlib
+
+import pytest
+import torch
+
+import gradcodec
+from gradcodec import wire
+from gradcodec.errors import CorruptPayload, PayloadTooLarge, UnknownCodec, UnsupportedVersion
+
+X = torch.tensor([[0.5, -1.0, 2.0], [0.0, 3.25, -0.125]])
+
+# Version-1 payloads. Changing the layout must bump wire.VERSION, not these bytes.
+GOLDEN_RAW = bytes.fromhex(
+    "4743444301000100340000001800000000000000030072617700180000000000000001000000000001020200000000000000030000000000"
+    "000001000106000000000000000000000000003f000080bf000000400000000000005040000000be5525b64f"
+)
+GOLDEN_INT8_DICT = bytes.fromhex(
+    "47434443010000006400000020000000000000000c00696e74383a626c6f636b3d380020000000000000000200000006006c6f72612e4103"
+    "0202000000000000000300000000000000020006060000000000000001010000000000000001006201000200060100000000000000010100"
+    "000000000000000014d94e007ffb000047a3d13c000000007f000000000000000683413c00000000446259f3"
+)
+GOLDEN_INT4_ZSTD = bytes.fromhex(
+    "47434443010002004400000019000000000000001100696e74343a626c6f636b3d387c7a7374640010000000000000000100000001007701"
+    "010a00000000000000020005050000000000000001020000000000000000000028b52ffd2010810000316497cafd0000004992243f499224"
+    "3fdf113523"
+)
+
+
+def reseal(blob: bytes | bytearray) -> bytes:
+    """Recompute the trailing checksum so a deliberately altered payload reaches the parser."""
+    body = bytes(blob[:-4])
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def test_raw_encoding_matches_golden_bytes():
+    assert gradcodec.encode(X, "raw") == GOLDEN_RAW
+
+
+def test_int8_dict_encoding_matches_golden_bytes():
+    named = {"lora.A": X.to(torch.bfloat16), "b": torch.tensor(1.5)}
+    assert gradcodec.encode(named, "int8:block=8") == GOLDEN_INT8_DICT
+
+
+def test_golden_payloads_decode_to_known_tensors():
+    assert torch.equal(gradcodec.decode(GOLDEN_RAW), X)
+    named = gradcodec.decode(GOLDEN_INT8_DICT)
+    assert list(named) == ["lora.A", "b"] and named["lora.A"].dtype == torch.bfloat16
+    assert named["b"].shape == () and named["b"].item() == 1.5  # a lone block's absmax is exact
+    w = gradcodec.decode(GOLDEN_INT4_ZSTD)["w"]
+    # hand computation: block 1 = [-4.5..2.5], absmax 4.5, scale 4.5/7; block 2 = [3.5, 4.5], same absmax
+    scale = torch.tensor(4.5, dtype=torch.float32) / 7
+    expected_codes = torch.floor((torch.arange(10.0) - 4.5) * (7 / torch.tensor(4.5)) + 0.5)
+    assert torch.equal(w, expected_codes * scale)
+
+
+def test_raw_golden_layout_fields():
+    magic, version, flags, head_len, stored = wire.PRELUDE.unpack_from(GOLDEN_RAW, 0)
+    assert (magic, version, flags) == (b"GCDC", 1, wire.FLAG_SINGLE)
+    assert stored == 24 and len(GOLDEN_RAW) == wire.PRELUDE.size + head_len + stored + 4
+    assert GOLDEN_RAW[-28:-4] == X.numpy().tobytes()
+
+
+def test_every_section_starts_8_byte_aligned():
+    named = {"a": torch.randn(3), "b": torch.randn(5, dtype=torch.float16), "c": torch.randn(1)}
+    blob = gradcodec.encode(named, "raw")
+    h = wire.read_header(blob)
+    pos = h.payload_offset
+    for _, _, _, infos in h.tensors:
+        for s in infos:
+            assert pos % 8 == 0
+            pos += s.nbytes + (-s.nbytes % 8)
+
+
+def test_flipped_payload_bit_fails_checksum():
+    blob = bytearray(GOLDEN_RAW)
+    blob[-10] ^= 0x01
+    with pytest.raises(CorruptPayload, match="checksum"):
+        gradcodec.decode(bytes(blob))
+
+
+@pytest.mark.parametrize("cut", [0, 1, 4, 19, 20, 40, len(GOLDEN_RAW) - 5, len(GOLDEN_RAW) - 1])
+def test_truncated_payload_is_corrupt(cut):
+    with pytest.raises(CorruptPayload):
+        gradcodec.decode(GOLDEN_RAW[:cut])
+
+
+def test_trailing_garbage_is_corrupt():
+    with pytest.raises(CorruptPayload, match="length"):
+        gradcodec.decode(GOLDEN_RAW + b"\0")
+
+
+def test_wrong_magic_is_corrupt():
+    with pytest.raises(CorruptPayload, match="magic"):
+        gradcodec.decode(reseal(b"XXXX" + GOLDEN_RAW[4:]))
+
+
+def test_newer_version_is_unsupported():
+    blob = bytearray(GOLDEN_RAW)
+    struct.pack_into("<H", blob, 4, wire.VERSION + 1)
+    with pytest.raises(UnsupportedVersion, match="upgrade"):
+        gradcodec.decode(reseal(blob))
+
+
+def test_unknown_flag_is_corrupt():
+    blob = bytearray(GOLDEN_RAW)
+    struct.pack_into("<H", blob, 6, 0x80)
+    with pytest.raises(CorruptPayload, match="flag"):
+        gradcodec.decode(reseal(blob))
+
+
+def test_non_bytes_input_is_corrupt():
+    with pytest.raises(CorruptPayload):
+        gradcodec.decode("not bytes")  # type: ignore[arg-type]
+
+
+def _raw_payload_with_shape(shape: tuple[int, ...]) -> bytes:
+    """A hand-built raw payload whose header declares `shape` but carries a 4-byte section."""
+    msg = wire.Message("raw", [wire.TensorEntry("t", torch.float32, shape, [torch.zeros(1)])])
+    return wire.pack(msg)
+
+
+def test_huge_declared_shape_is_refused_before_allocating():
+    with pytest.raises(PayloadTooLarge, match="max_output_bytes"):
+        gradcodec.decode(_raw_payload_with_shape((1 << 40,)))
+
+
+def test_declared_shape_disagreeing_with_section_is_corrupt():
+    with pytest.raises(CorruptPayload, match="raw section"):
+        gradcodec.decode(_raw_payload_with_shape((3,)))
+
+
+def test_max_output_bytes_lowers_the_limit():
+    blob = gradcodec.encode(torch.zeros(1000), "raw")
+    with pytest.raises(PayloadTooLarge):
+        gradcodec.decode(blob, max_output_bytes=3999)
+    assert gradcodec.decode(blob, max_output_bytes=4000).shape == (1000,)
+
+
+def test_unknown_codec_in_payload():
+    msg = wire.Message("nosuchcodec", [wire.TensorEntry("t", torch.float32, (1,), [torch.zeros(1)])])
+    with pytest.raises(UnknownCodec, match="nosuchcodec"):
+        gradcodec.decode(wire.pack(msg))
+
+
+def test_invalid_spec_in_payload_is_corrupt():
+    msg = wire.Message("int8:block=7", [wire.TensorEntry("t", torch.float32, (1,), [torch.zeros(1)])])
+    with pytest.raises(CorruptPayload, match="block"):
+        gradcodec.decode(wire.pack(msg))
+
+
+def test_section_table_disagreeing_with_payload_length_is_corrupt():
+    blob = bytearray(GOLDEN_RAW)
+    h = wire.read_header(GOLDEN_RAW)
+    raw_len_at = wire.PRELUDE.size + 2 + len(h.codec) + 1 + len(h.fingerprint)
+    struct.pack_into("<Q", blob, raw_len_at, 1 << 50)
+    with pytest.raises(CorruptPayload, match="section table"):
+        gradcodec.decode(reseal(blob))
+
+
+def test_zstd_frame_that_lies_about_its_size_is_corrupt():
+    import zstandard
+
+    region = b"\1" * 64
+    frame = zstandard.ZstdCompressor().compress(region)
+    msg = wire.Message("raw|zstd", [wire.TensorEntry("t", torch.uint8, (64,), [torch.ones(64, dtype=torch.uint8)])])
+    good = wire.pack(msg, compress=lambda data: frame)
+    assert torch.equal(gradcodec.decode(good)["t"], torch.ones(64, dtype=torch.uint8))
+    bad = wire.pack(msg, compress=lambda data: zstandard.ZstdCompressor().compress(region + b"\1"))
+    with pytest.raises(CorruptPayload, match="zstd"):
+        gradcodec.decode(bad)
+
+
+def test_nonzero_padding_is_corrupt():
+    blob = bytearray(GOLDEN_INT8_DICT)
+    h = wire.read_header(GOLDEN_INT8_DICT)
+    first = h.tensors[0][3][0]  # 6 int8 codes, followed by 2 bytes of padding
+    blob[h.payload_offset + first.nbytes] = 1
+    with pytest.raises(CorruptPayload, match="padding"):
+        gradcodec.decode(reseal(blob))
+
+
+def test_repeated_tensor_name_is_corrupt():
+    entry = wire.TensorEntry("t", torch.float32, (1,), [torch.zeros(1)])
+    with pytest.raises(CorruptPayload, match="repeats"):
+        gradcodec.decode(wire.pack(wire.Message("raw", [entry, entry])))
