@@ -69,7 +69,7 @@ class ErrorFeedback:
             if key.startswith(RESIDUAL):
                 if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
                     raise InvalidInput(f"residual {key!r} must be a float32 tensor")
-                residuals[key[len(RESIDUAL):]] = value
+                residuals[key[len(RESIDUAL):]] = value.detach().clone()
             elif key.startswith(CODEC):
                 codec_state[key[len(CODEC):]] = value
             else:

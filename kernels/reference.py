@@ -69,12 +69,15 @@ def _blocks(v: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _quantize_chunk(e: torch.Tensor, bits: int, block: int, seed: int | None, start: int):
-    """Codes (int16, padded to whole blocks) and scales of one fp32 chunk that starts at `start`."""
+    """Float codes (padded to whole blocks) and scales of one fp32 chunk that starts at `start`."""
     qmax = QMAX[bits]
     v = _blocks(e, block)
     amax = v.abs().amax(dim=1).clamp_min(TINY)
-    scale = amax / qmax
-    inv = qmax / amax
+    # a tensor divisor: torch's CUDA kernels turn division by a Python scalar into a reciprocal multiply
+    scale = amax / torch.full_like(amax, qmax)
+    # `qmax / amax` on a tensor is torch's Tensor.__rtruediv__, i.e. amax.reciprocal() * qmax: two
+    # roundings, not one IEEE division. Spelled out so that kernels reproduce it.
+    inv = amax.reciprocal() * qmax
     t = v * inv[:, None]
     if seed is None:
         t += 0.5

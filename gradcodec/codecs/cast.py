@@ -15,7 +15,7 @@ import torch
 
 from ..errors import CorruptPayload, InvalidInput
 from ..registry import register
-from .base import EncodeContext, QuantizerStage, check_section, numel
+from .base import EncodeContext, QuantizerStage, check_section, check_section_count, numel
 
 
 @register("raw")
@@ -32,6 +32,7 @@ class Raw(QuantizerStage):
         return [x.reshape(-1)]
 
     def decode(self, sections, shape):
+        check_section_count(sections, 1, "raw tensor")
         s = sections[0]
         if s.numel() != numel(shape):
             raise CorruptPayload(f"raw section holds {s.numel()} elements, the tensor needs {numel(shape)}")

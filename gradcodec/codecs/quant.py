@@ -23,6 +23,9 @@ from ..registry import register
 from .base import EncodeContext, QuantizerStage, check_section, numel, power_of_two_block
 
 
+MAX_SCALE = 2.0**120
+
+
 class _Blockwise(QuantizerStage):
     bits: ClassVar[int]
     checks_finite = True
@@ -42,8 +45,12 @@ class _Blockwise(QuantizerStage):
         return x.reshape(-1).float() if x.dtype == torch.float64 else x.reshape(-1)
 
     def _checked(self, codes, scales, ctx: EncodeContext):
-        if scales.numel() and not bool(torch.isfinite(scales).all()):
-            raise InvalidInput(f"tensor {ctx.name!r} contains NaN or Inf; {self.name} cannot encode it")
+        # one comparison catches NaN and Inf (whose block scales are non-finite) and values so large
+        # that code * scale could round past the fp32 maximum on decode
+        if scales.numel() and not bool((scales < MAX_SCALE).all()):
+            raise InvalidInput(
+                f"tensor {ctx.name!r} contains NaN or Inf (or values beyond ±1e36); {self.name} cannot encode it"
+            )
         return [codes, scales]
 
     def encode(self, x, ctx):
