@@ -19,6 +19,7 @@ import torch
 
 from . import wire
 from .codecs.base import EncodeContext, Stage
+from .codecs.cast import Raw
 from .codecs.lossless import Zstd, zstd_decompress
 from .errors import CorruptPayload, GradcodecError, InvalidInput
 from .registry import canonical_spec
@@ -27,6 +28,7 @@ Tensors = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SINGLE_NAME = ""  # the name a lone tensor travels under
+RAW = Raw()
 
 
 def as_named(x: Tensors) -> tuple[dict[str, torch.Tensor], bool]:
@@ -58,9 +60,13 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 
 
 class Codec(ABC):
-    """A configured codec: `encode(x) -> bytes`, `decode(bytes) -> x`, plus optional client state."""
+    """A configured codec: `encode(x) -> bytes`, `decode(bytes) -> x`, plus optional client state.
 
-    spec: str  # canonical spec written into every payload
+    Public attributes: `spec`, the canonical spec written into every payload, and `lossless`, whether
+    decode(encode(x)) is bit-exact for every input (integer and bool tensors are always sent raw).
+    """
+
+    spec: str
     lossless: bool
 
     def __init__(self, byte_stage: Zstd | None = None, seed: int | None = None, allow_nonfinite: bool = False):
@@ -156,19 +162,22 @@ class PipelineCodec(Codec):
         self.spec = canonical_spec(self.stages + ([byte_stage] if byte_stage else []))
         self._check_options()
 
+    def _stage_for(self, dtype: torch.dtype) -> Stage:
+        # integer and bool tensors (step counters, masks) always travel raw: no codec loses them
+        return self.root if dtype.is_floating_point else RAW
+
     def encode_named(self, named, residuals):
         entries = []
         for name, x in named.items():
-            if not x.is_floating_point() and not getattr(self.root, "accepts_non_float", False):
-                raise InvalidInput(f"tensor {name!r} has dtype {x.dtype}; codec {self.spec!r} encodes floating-point tensors only")
-            if not self.allow_nonfinite and not self.root.checks_finite:
+            stage = self._stage_for(x.dtype)
+            if not self.allow_nonfinite and not stage.checks_finite:
                 check_finite(name, x)
             ctx = EncodeContext(name, self.generator)
             x = x.contiguous()
-            if residuals is None:
-                sections = self.root.encode(x, ctx)
+            if residuals is None or stage is RAW:
+                sections = stage.encode(x, ctx)
             else:
-                sections = self.root.encode_feedback(x, residuals[name], ctx)
+                sections = stage.encode_feedback(x, residuals[name], ctx)
             entries.append(wire.TensorEntry(name, x.dtype, tuple(x.shape), sections))
         return wire.Message(self.spec, entries)
 
@@ -177,12 +186,13 @@ class PipelineCodec(Codec):
             raise CorruptPayload(f"codec {self.spec!r} uses no shared sections but the payload has {len(msg.shared)}")
         out = {}
         for entry in msg.tensors:
-            expected = self.root.n_sections(entry.shape)
+            stage = self._stage_for(entry.dtype)
+            expected = stage.n_sections(entry.shape)
             if len(entry.sections) != expected:
                 raise CorruptPayload(
                     f"tensor {entry.name!r}: payload has {len(entry.sections)} sections, codec {self.spec!r} expects {expected}"
                 )
-            out[entry.name] = self.root.decode([s.to(device) for s in entry.sections], entry.shape)
+            out[entry.name] = stage.decode([s.to(device) for s in entry.sections], entry.shape)
         return out
 
     def state_dict(self):

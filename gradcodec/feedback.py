@@ -9,7 +9,7 @@ With int8/int4 codecs the update runs as one fused kernel pass (see gradcodec.ke
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -40,22 +40,27 @@ class ErrorFeedback:
     def encode(self, x: Tensors) -> bytes:
         named, _ = as_named(x)
         for name, t in named.items():
+            if not t.is_floating_point():
+                continue  # sent raw, nothing to feed back
             r = self.residuals.get(name)
-            if r is None or r.shape != t.shape or r.device != t.device:
-                if r is not None and r.shape != t.shape:
-                    raise InvalidInput(
-                        f"tensor {name!r} has shape {tuple(t.shape)} but its residual has {tuple(r.shape)};"
-                        " call reset() when the model changes shape"
-                    )
-                self.residuals[name] = torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+            if r is not None and r.shape != t.shape:
+                raise InvalidInput(
+                    f"tensor {name!r} has shape {tuple(t.shape)} but its residual has {tuple(r.shape)};"
+                    " call reset() (or reset([name])) when the model changes shape"
+                )
+            if r is None or r.device != t.device:
+                self.residuals[name] = torch.zeros(t.shape, dtype=torch.float32, device=t.device) if r is None else r.to(t.device)
         return self.codec.encode(x, residuals=self.residuals)
 
     def decode(self, blob: bytes, device: str | torch.device | None = None, max_output_bytes: int | None = None) -> Tensors:
         return self.codec.decode(blob, device, max_output_bytes)
 
-    def reset(self) -> None:
-        """Forget all residuals (e.g. when the client's model is re-initialised)."""
-        self.residuals.clear()
+    def reset(self, names: Iterable[str] | None = None) -> None:
+        """Forget the residuals of `names`, or all of them (e.g. when the model is re-initialised)."""
+        if names is None:
+            self.residuals.clear()
+        for name in names or ():
+            self.residuals.pop(name, None)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Residuals and the wrapped codec's state, for torch.save between sessions."""

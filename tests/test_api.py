@@ -78,9 +78,18 @@ def test_allow_nonfinite_is_refused_for_lossy_codecs():
         gradcodec.get_codec("int8", allow_nonfinite=True)
 
 
-def test_integer_tensor_with_lossy_codec_is_refused():
-    with pytest.raises(InvalidInput, match="floating-point"):
-        gradcodec.encode(torch.arange(10), "int8")
+@pytest.mark.parametrize("spec", per_tensor_specs())
+def test_integer_and_bool_tensors_travel_raw_with_any_codec(spec):
+    named = {"step": torch.tensor(12345678901, dtype=torch.int64), "mask": torch.rand(40) > 0.5, "w": torch.randn(40)}
+    out = gradcodec.decode(gradcodec.encode(named, spec))
+    assert torch.equal(out["step"], named["step"]) and torch.equal(out["mask"], named["mask"])
+    assert gradcodec.inspect(gradcodec.encode(named, spec)).tensors[0].payload_bytes == 8
+
+
+def test_error_feedback_skips_integer_tensors():
+    codec = gradcodec.get_codec("int8", error_feedback=True)
+    codec.encode({"step": torch.tensor(3), "w": torch.randn(8)})
+    assert list(codec.residuals) == ["w"]
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,6 @@ class Raw(QuantizerStage):
     """The tensor's own bytes, bit-exact, in its own dtype (floats, integers, bool)."""
 
     lossless = True
-    accepts_non_float = True
 
     def n_sections(self, shape):
         return 1
