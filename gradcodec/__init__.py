@@ -9,12 +9,17 @@ from . import errors
 from .api import PayloadInfo, TensorInfo, decode, encode, get_codec, inspect, list_codecs
 from .codec import Codec
 from .feedback import ErrorFeedback
+from .wire import CODE_OF_DTYPE as _WIRE_DTYPES
+
+#: dtypes a payload can carry (floats through every codec; integers and bool always raw)
+SUPPORTED_DTYPES = frozenset(_WIRE_DTYPES)
 
 __version__ = "0.1.0"
 __all__ = [
     "Codec",
     "ErrorFeedback",
     "PayloadInfo",
+    "SUPPORTED_DTYPES",
     "TensorInfo",
     "decode",
     "encode",
