@@ -1,0 +1,53 @@
+"""`gradcodec bench`: the command-line front of gradcodec.bench."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("bench", help="compression ratio, error and speed per codec")
+    b.add_argument("--codecs", default="default", help="specs and/or sets (default, sweep), separated by ';' or ','")
+    b.add_argument("--workload", default="gaussian", help="gaussian, heavy, lowrank, lora7b, file:PATH (comma-separated)")
+    b.add_argument("--size", default="16M", help="elements of a synthetic workload, e.g. 64K, 16M")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", help="write every measurement to this JSON file")
+    b.add_argument("--plot", help="write rate-distortion curves to this PNG file")
+    b.add_argument("--verbose", action="store_true", help="print each row as it is measured")
+    b.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import report, runner, workloads
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available here", file=sys.stderr)
+        return 2
+    specs = runner.expand_codecs(args.codecs)
+    rows = []
+    for name in (w.strip() for w in args.workload.split(",")):
+        x = workloads.make_workload(name, workloads.parse_size(args.size), seed=args.seed, device=args.device)
+        copy = runner.copy_timing(x, args.repeats)
+        for spec in specs:
+            rows.append(runner.bench_codec(spec, x, name, args.repeats, copy, seed=args.seed))
+            if args.verbose:
+                print(report.table(rows[-1:]), flush=True)
+    command = "gradcodec " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    print(f"# {command}\n# {report.machine()}\n")
+    print(report.table(rows))
+    if args.json:
+        report.write_json(rows, Path(args.json), command)
+        print(f"wrote {args.json}")
+    if args.plot:
+        report.plot(rows, Path(args.plot))
+        print(f"wrote {args.plot}")
+    return 0
