@@ -80,23 +80,26 @@ def _quantize_chunk(e: torch.Tensor, bits: int, block: int, seed: int | None, st
     inv = amax.reciprocal() * qmax
     t = v * inv[:, None]
     if seed is None:
-        t += 0.5
-    else:
-        offs = torch.arange(start, start + v.numel(), dtype=torch.int64, device=v.device)
-        t += uniform_hash(seed, offs).view_as(t)
-    q = t.floor_().clamp_(-qmax, qmax)
-    return q, scale
+        # |v * inv| <= QMAX (1 + 3 eps), so floor(t + 0.5) is already within [-QMAX, QMAX]
+        return t.add_(0.5).floor_(), scale
+    offs = torch.arange(start, start + v.numel(), dtype=torch.int64, device=v.device)
+    t += uniform_hash(seed, offs).view_as(t)
+    return t.floor_().clamp_(-qmax, qmax), scale
 
 
-def _store_codes(q: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    q = q.reshape(-1)[:n]
+def _store_codes(q: torch.Tensor, bits: int, codes: torch.Tensor, start: int, end: int) -> None:
+    """Write the codes of elements [start, end) (float, padded to whole blocks) into `codes`."""
+    m = end - start
+    flat = q.view(-1)
     if bits == 8:
-        return q.to(torch.int8)
-    q = (q + 8).to(torch.uint8)
-    if n % 2:
-        q = torch.nn.functional.pad(q, (0, 1))
-    q = q.view(-1, 2)
-    return q[:, 0] | (q[:, 1] << 4)
+        codes[start:end].copy_(flat[:m])
+        return
+    pairs = flat[: m - m % 2].view(-1, 2)
+    first = start // 2
+    # (hi + 8) * 16 + (lo + 8), exact in float; the conversion happens in copy_
+    codes[first : first + pairs.shape[0]].copy_(pairs[:, 1].mul(16).add_(pairs[:, 0]).add_(136))
+    if m % 2:  # odd length: the last code sits alone in the low nibble, the high nibble stays 0
+        codes[first + pairs.shape[0]] = flat[m - 1].item() + 8
 
 
 def quantize_blockwise(x: torch.Tensor, bits: int, block: int, seed: int | None = None):
@@ -131,28 +134,26 @@ def _quantize(x: torch.Tensor, residual: torch.Tensor | None, bits: int, block: 
         scales[start // block : start // block + s.numel()] = s
         if residual is not None:
             residual[start:end] = e - (q * s[:, None]).view(-1)[: end - start]
-        if bits == 8:
-            codes[start:end] = _store_codes(q, bits, end - start)
-        else:
-            codes[start // 2 : (end + 1) // 2] = _store_codes(q, bits, end - start)
+        _store_codes(q, bits, codes, start, end)
     return codes, scales
-
-
-def _load_codes(codes: torch.Tensor, bits: int, start: int, end: int) -> torch.Tensor:
-    if bits == 8:
-        return codes[start:end].float()
-    packed = codes[start // 2 : (end + 1) // 2]
-    pairs = torch.stack((packed & 0xF, packed >> 4), dim=1).view(-1)[: end - start]
-    return pairs.float() - 8
 
 
 def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, bits: int, block: int, n: int) -> torch.Tensor:
     """Inverse of quantize_blockwise: float32 tensor of n elements, code * scale of its block."""
     out = torch.empty(n, dtype=torch.float32, device=codes.device)
     for start, end in _chunks(n, block):
-        q = _blocks(_load_codes(codes, bits, start, end), block)
-        s = scales[start // block : start // block + q.shape[0]]
-        out[start:end] = (q * s[:, None]).view(-1)[: end - start]
+        o = out[start:end]
+        if bits == 8:
+            o.copy_(codes[start:end])
+        else:
+            packed = codes[start // 2 : (end + 1) // 2]
+            o[0::2].copy_(packed[: (end - start + 1) // 2] & 0xF)
+            o[1::2].copy_(packed[: (end - start) // 2] >> 4)
+            o.sub_(8)
+        whole = (end - start) // block
+        o[: whole * block].view(whole, block).mul_(scales[start // block : start // block + whole, None])
+        if (end - start) % block:
+            o[whole * block :].mul_(scales[start // block + whole])
     return out
 
 
@@ -205,3 +206,125 @@ def sign_dequantize(bits: torch.Tensor, scales: torch.Tensor, block: int, n: int
     signs = unpack_bits(bits, 1, n).to(torch.float32) * 2 - 1
     per_elem = scales.repeat_interleave(block)[:n]
     return signs * per_elem
+
+
+# =================================================================================================
+# LoRA canvas ops (gradcodec.learned): the learned codec's pack/normalise, unpack and light AE.
+#
+# `table` is the int64 [factors, 4] tensor of gradcodec.learned.canvas.CanvasLayout.table: per factor
+# (length L, rank r, transposed, column). Factor i in canvas orientation is F_i = source_i.T when
+# `transposed` (LoRA A, [r, L]) and source_i otherwise (LoRA B, [L, r]); row j of F_i sits at canvas
+# row j % height, columns column + (j // height) * r + [0, r). Canvases are contiguous float32, at
+# least [height, width]; what no factor covers is zero.
+#
+# A factor's scale is its RMS, sqrt(sum(e * e) / numel) in fp32 with e = x (+ residual); the kernel
+# sums in another order, so scales agree to a few ulp, not bit for bit. Everything downstream of a
+# given scale (division, multiplication, e - decoded) is one IEEE operation per element: bit-exact.
+# =================================================================================================
+
+
+def _folds(length: int, rank: int, column: int, height: int):
+    """(lo, hi, col) per column block of a factor: rows [lo, hi) of F sit at canvas[:hi - lo, col:col + rank]."""
+    for f in range(-(-length // height)):
+        lo = f * height
+        yield lo, min(lo + height, length), column + f * rank
+
+
+def _factor_rows(table: torch.Tensor) -> list[tuple[int, int, bool, int]]:
+    return [(int(a), int(b), bool(c), int(d)) for a, b, c, d in table.tolist()]
+
+
+def _safe_divisor(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _gather(canvas: torch.Tensor, length: int, rank: int, column: int, height: int) -> torch.Tensor:
+    """F [L, r] of a factor, read back from the canvas."""
+    return torch.cat([canvas[: hi - lo, col : col + rank] for lo, hi, col in _folds(length, rank, column, height)])
+
+
+def canvas_pack(table: torch.Tensor, sources, height: int, out_shape: tuple[int, int], residuals=None, scales=None):
+    """Normalised canvas of `sources` (+ `residuals`): F_i / scale_i placed as `table` says.
+
+    sources: one contiguous float tensor (fp32/fp16/bf16) per factor, of its own shape; residuals:
+    None or fp32 tensors of the same shapes. scales: None to compute each factor's RMS, or an fp32
+    [factors] tensor to use (ones give the plain layout). A zero scale leaves the factor's values
+    unscaled (they are all zero). Returns (canvas fp32 `out_shape`, scales fp32 [factors]).
+    """
+    rows = _factor_rows(table)
+    device = table.device
+    canvas = torch.zeros(out_shape, dtype=torch.float32, device=device)
+    computed = scales is None
+    scales = torch.empty(len(rows), dtype=torch.float32, device=device) if computed else scales
+    for i, ((length, rank, transposed, column), x) in enumerate(zip(rows, sources)):
+        e = x.float()
+        if residuals is not None:
+            e = e + residuals[i]
+        if computed:
+            scales[i] = ((e * e).sum() / e.numel()).sqrt()
+        f = (e.t() if transposed else e) / _safe_divisor(scales[i])
+        for lo, hi, col in _folds(length, rank, column, height):
+            canvas[: hi - lo, col : col + rank] = f[lo:hi]
+    return canvas, scales
+
+
+def canvas_unpack(table: torch.Tensor, canvas: torch.Tensor, scales: torch.Tensor, height: int, outputs):
+    """Inverse of canvas_pack: outputs_i (fp32, the source's shape, written in place) = F_i * scale_i."""
+    for i, (length, rank, transposed, column) in enumerate(_factor_rows(table)):
+        f = _gather(canvas, length, rank, column, height) * scales[i]
+        outputs[i].copy_(f.t() if transposed else f)
+    return outputs
+
+
+def canvas_feedback(table: torch.Tensor, canvas: torch.Tensor, scales: torch.Tensor, height: int, sources, residuals):
+    """Error feedback after a canvas round trip: residuals_i <- (sources_i + residuals_i) - F_i * scale_i."""
+    for i, (length, rank, transposed, column) in enumerate(_factor_rows(table)):
+        f = _gather(canvas, length, rank, column, height) * scales[i]
+        e = sources[i].float() + residuals[i]
+        residuals[i].copy_(e - (f.t() if transposed else f))
+    return residuals
+
+
+def _tiles(canvas: torch.Tensor, block_rows: int, block_cols: int) -> torch.Tensor:
+    """[bands, groups, block_rows * block_cols]: tile (band, group) = canvas rows of the band, columns of the group."""
+    h, w = canvas.shape
+    t = canvas.view(h // block_rows, block_rows, w // block_cols, block_cols)
+    return t.permute(0, 2, 1, 3).reshape(h // block_rows, w // block_cols, block_rows * block_cols)
+
+
+def block_encode(table: torch.Tensor, sources, height: int, out_shape: tuple[int, int], weight: torch.Tensor,
+                 bias: torch.Tensor, block_rows: int, block_cols: int, residuals=None, qmax: int = 127):
+    """The light AE's encoder, adapter tensors to int8 latents in one op.
+
+    The normalised canvas (canvas_pack, `out_shape` a multiple of the tile) is cut into tiles of
+    [block_rows, block_cols]; tile (band, group), flattened row-major, gives
+    z = tile @ weight[band, group] + bias[band, group] (weight fp32 [bands, groups, block_rows *
+    block_cols, K], bias [bands, groups, K]: one projection per tile position) and codes = clamp(floor(qmax * tanh(z) + 0.5), -qmax, qmax): a fixed range, so no
+    latent scales travel (qmax 127 for int8 codes, 7 for int4). Returns (codes int8 [bands, groups, K],
+    scales fp32 [factors]). The kernel sums the products in another order and computes tanh from exp,
+    so a code may differ by one where qmax * tanh(z) is within float error of a rounding boundary.
+    """
+    canvas, scales = canvas_pack(table, sources, height, out_shape, residuals)
+    z = torch.einsum("bgi,bgik->bgk", _tiles(canvas, block_rows, block_cols), weight) + bias
+    codes = (torch.tanh(z) * qmax + 0.5).floor_().clamp_(-qmax, qmax).to(torch.int8)
+    return codes, scales
+
+
+def block_decode_canvas(codes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, block_rows: int,
+                        block_cols: int, qmax: int = 127) -> torch.Tensor:
+    """The light AE's decoder up to the normalised canvas: tile = (codes / qmax) @ weight[band, group] + bias[band, group].
+
+    codes int8 [bands, groups, K]; weight fp32 [bands, groups, K, block_rows * block_cols]; bias
+    [bands, groups, block_rows * block_cols].
+    """
+    bands, groups, _ = codes.shape
+    y = torch.einsum("bgk,bgki->bgi", codes.float() / qmax, weight) + bias
+    y = y.view(bands, groups, block_rows, block_cols).permute(0, 2, 1, 3)
+    return y.reshape(bands * block_rows, groups * block_cols)
+
+
+def block_decode(table: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, height: int, weight: torch.Tensor,
+                 bias: torch.Tensor, block_rows: int, block_cols: int, outputs, qmax: int = 127):
+    """The light AE's decoder, int8 latents to adapter tensors in one op: block_decode_canvas, then canvas_unpack."""
+    canvas = block_decode_canvas(codes, weight, bias, block_rows, block_cols, qmax)
+    return canvas_unpack(table, canvas.contiguous(), scales, height, outputs)
