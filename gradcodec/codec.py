@@ -18,7 +18,7 @@ from typing import Union
 import torch
 
 from . import wire
-from .codecs.base import EncodeContext, Stage
+from .codecs.base import EncodeContext, Stage, all_finite
 from .codecs.cast import Raw
 from .codecs.lossless import Zstd, zstd_decompress
 from .errors import CorruptPayload, GradcodecError, InvalidInput
@@ -52,7 +52,7 @@ def as_named(x: Tensors) -> tuple[dict[str, torch.Tensor], bool]:
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not all_finite(t):
         raise InvalidInput(
             f"tensor {name!r} contains NaN or Inf; fix the update (e.g. clip or skip the step), or pass"
             " allow_nonfinite=True with a lossless codec (raw, zstd) to send it as is"

@@ -142,7 +142,11 @@ def _section_bytes(t: torch.Tensor) -> memoryview:
 
 
 def pack(msg: Message, compress=None) -> bytes:
-    """Serialise `msg`. `compress`, if given, maps the payload region's bytes to one zstd frame."""
+    """Serialise `msg`.
+
+    `compress(buffers, total)`, if given, turns the payload region (the concatenation of `buffers`,
+    `total` bytes) into one zstd frame.
+    """
     _require_little_endian()
     spec = msg.codec.encode("utf-8")
     if len(spec) > MAX_SPEC_BYTES:
@@ -188,17 +192,17 @@ def pack(msg: Message, compress=None) -> bytes:
 
     flags = FLAG_SINGLE if msg.single else 0
     if compress is not None:
-        stored = [memoryview(compress(b"".join(chunks)))]
+        stored = [memoryview(compress(chunks, raw_len))]
         flags |= FLAG_ZSTD
     else:
         stored = chunks
     stored_len = sum(len(c) for c in stored)
-    out = bytearray(PRELUDE.pack(MAGIC, VERSION, flags, len(head), stored_len))
-    out += head
+    front = PRELUDE.pack(MAGIC, VERSION, flags, len(head), stored_len) + bytes(head)
+    crc = zlib.crc32(front)
     for c in stored:
-        out += c
-    out += CHECKSUM.pack(zlib.crc32(out))
-    return bytes(out)
+        crc = zlib.crc32(c, crc)
+    # one join: the sections are copied once, straight into the returned bytes
+    return b"".join([front, *stored, CHECKSUM.pack(crc)])
 
 
 # ---------------------------------------------------------------------------------------------- read

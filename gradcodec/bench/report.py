@@ -24,6 +24,7 @@ COLUMNS = [
     ("dec GB/s", "{:>9}", lambda r: f"{r.gbps(r.decode):.3f}"),
     ("±", "{:>4}", lambda r: f"{100 * r.decode.spread:.0f}%"),
     ("dec/copy", "{:>8}", lambda r: f"{r.copy_fraction(r.decode):.2f}"),
+    ("enc mem", "{:>8}", lambda r: "-" if r.encode_peak_bytes is None else f"{r.encode_peak_bytes / r.input_bytes:.2f}x"),
 ]
 
 

@@ -6,9 +6,10 @@ so figures from noisy or different machines can be compared as fractions of the 
 """
 from __future__ import annotations
 
+import ctypes
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -47,7 +48,7 @@ class Row:
     decode: Timing
     input_bytes: int
     copy: Timing
-    extra: dict = field(default_factory=dict)
+    encode_peak_bytes: int | None = None  # extra memory at the peak of one encode, payload included
 
     def gbps(self, t: Timing) -> float:
         return self.input_bytes / t.median / 1e9
@@ -101,6 +102,39 @@ def copy_timing(x: Tensors, repeats: int) -> Timing:
     return time_call(lambda: {k: v.clone() for k, v in x.items()}, repeats, device)[0]
 
 
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def peak_extra_bytes(fn, device: torch.device) -> int | None:
+    """Peak memory fn allocates beyond what was in use when it started (None where not measurable).
+
+    CUDA: the caching allocator's peak. CPU (Linux): the resident-set high-water mark, reset through
+    /proc/self/clear_refs after returning freed heap memory to the OS, so reused pages do not hide
+    allocations.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _rss_kib("VmRSS")
+        fn()
+        return (_rss_kib("VmHWM") - base) * 1024
+    except OSError:
+        return None
+
+
 def bench_codec(spec: str, x: Tensors, workload: str, repeats: int, copy: Timing, seed: int = 0) -> Row:
     """Encode and decode `x` with a fresh codec `spec` per repeat; measure size, distortion, speed."""
     device = _device_of(x)
@@ -109,6 +143,8 @@ def bench_codec(spec: str, x: Tensors, workload: str, repeats: int, copy: Timing
     dec, x_hat = time_call(lambda: api.decode(blob, device=device), repeats, device)
     d = metrics.distortion(x, x_hat)
     n, nbytes = metrics.numel(x), metrics.nbytes(x)
+    del x_hat
+    peak = peak_extra_bytes(lambda: api.get_codec(spec, seed=seed).encode(x), device)
     return Row(
         codec=codec.spec,
         workload=workload,
@@ -124,6 +160,7 @@ def bench_codec(spec: str, x: Tensors, workload: str, repeats: int, copy: Timing
         decode=dec,
         input_bytes=nbytes,
         copy=copy,
+        encode_peak_bytes=peak,
     )
 
 

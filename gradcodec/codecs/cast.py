@@ -15,7 +15,7 @@ import torch
 
 from ..errors import CorruptPayload, InvalidInput
 from ..registry import register
-from .base import EncodeContext, QuantizerStage, check_section, check_section_count, numel
+from .base import EncodeContext, QuantizerStage, all_finite, check_section, check_section_count, numel
 
 
 @register("raw")
@@ -46,7 +46,7 @@ class _Cast(QuantizerStage):
 
     def encode(self, x: torch.Tensor, ctx: EncodeContext):
         y = x.reshape(-1).to(self.dtype)
-        if y.numel() and not bool(torch.isfinite(y).all()):
+        if not all_finite(y):
             raise InvalidInput(
                 f"tensor {ctx.name!r} has values outside the {self.name} range (max {torch.finfo(self.dtype).max:g});"
                 " scale the update or use bf16/int8"

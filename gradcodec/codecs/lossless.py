@@ -5,6 +5,8 @@ decoding checks the frame against the length the header declares before trusting
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import zstandard
 
 from ..errors import CorruptPayload
@@ -27,8 +29,10 @@ class Zstd:
     def wire_params(self) -> dict:
         return {}  # the level only matters when compressing
 
-    def compress(self, data: bytes) -> bytes:
-        return self._compressor.compress(data)
+    def compress(self, buffers: Sequence[bytes | memoryview], total: int) -> bytes:
+        """One zstd frame of the concatenated `buffers` (`total` bytes), without joining them first."""
+        stream = self._compressor.compressobj(size=total)
+        return b"".join([*(stream.compress(b) for b in buffers), stream.flush()])
 
 
 def zstd_decompress(data: bytes | memoryview, size: int) -> bytes:
