@@ -504,3 +504,24 @@ def test_topk_16m_roundtrip():
         blob = gc.encode(x, f"topk:ratio={ratio}")
         y = gc.decode(blob)
         topk_reference_check(x, y, kept_count(x.numel(), ratio, 0))
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "heavy", "few_nonzero", "ties"])
+@pytest.mark.parametrize("ratio", [0.1, 0.01, 0.0001])
+def test_sampled_selection_on_large_tensors_keeps_exactly_the_largest(dist, ratio):
+    from gradcodec.codecs.sparse import SAMPLE, topk_indices
+
+    g = torch.Generator().manual_seed(2)
+    n = 8 * SAMPLE + 12345  # large enough for the sampled path
+    x = {
+        "gaussian": lambda: torch.randn(n, generator=g),
+        "heavy": lambda: torch.randn(n, generator=g) / torch.rand(n, generator=g) ** 2,
+        "few_nonzero": lambda: torch.zeros(n).index_fill_(0, torch.randint(0, n, (50,), generator=g), 3.0),
+        "ties": lambda: torch.randint(-3, 4, (n,), generator=g).float(),
+    }[dist]()
+    k = max(1, int(ratio * n))
+    idx = topk_indices(x, k)
+    assert idx.numel() == k and bool((idx[1:] > idx[:-1]).all())
+    kept = torch.zeros(n, dtype=torch.bool)
+    kept[idx] = True
+    assert float(x[kept].abs().min()) >= float(x[~kept].abs().max())

@@ -173,6 +173,36 @@ def elias_fano_decode(low: torch.Tensor, high: torch.Tensor, k: int, n: int, wha
 
 # ------------------------------------------------------------------------------------------- topk
 
+SAMPLE = 1 << 16  # magnitudes sampled to bracket the k-th largest
+SELECT_CHUNK = 1 << 18
+
+
+def topk_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted indices of the k largest |flat| (ties at the k-th magnitude broken arbitrarily).
+
+    On CPU, torch.topk over millions of elements is slow and copies the input several times. Instead
+    a fixed-seed sample of magnitudes gives a threshold safely below the k-th largest; one chunked
+    pass collects the (few more than k) candidates above it, and torch.topk picks among those. The
+    result is the exact top-k; if the sample was unlucky (fewer than k candidates), plain torch.topk
+    runs. On CUDA torch.topk is fast and is used directly.
+    """
+    n = flat.numel()
+    if flat.is_cuda or n < 8 * SAMPLE or k * 8 > n:
+        return torch.topk(flat.abs(), k, sorted=False).indices.sort().values
+    g = torch.Generator().manual_seed(0)
+    sample = flat[torch.randint(0, n, (SAMPLE,), generator=g)].abs().float()
+    q = 1 - k / n
+    threshold = torch.quantile(sample, max(0.0, q - 6 * math.sqrt(q * (1 - q) / SAMPLE) - 1 / SAMPLE))
+    candidates = torch.cat(
+        [(part.abs() >= threshold).nonzero().reshape(-1) + start for start, part in zip(range(0, n, SELECT_CHUNK), flat.split(SELECT_CHUNK))]
+    )
+    if candidates.numel() < k:
+        return torch.topk(flat.abs(), k, sorted=False).indices.sort().values
+    best = torch.topk(flat[candidates].abs(), k, sorted=False).indices
+    return candidates[best].sort().values
+
+
+
 
 @register("topk")
 class TopK(TransformStage):
@@ -199,8 +229,7 @@ class TopK(TransformStage):
         k = self.kept(n)
         if k == n:
             return torch.arange(n, device=flat.device)
-        mag = flat.abs() if flat.dtype in (torch.float32, torch.float64) else flat.float().abs()
-        return torch.topk(mag, k, sorted=False).indices.sort().values
+        return topk_indices(flat, k)
 
     def encode(self, x, ctx):
         flat = x.reshape(-1)
