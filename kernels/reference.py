@@ -31,9 +31,15 @@ CHUNK_BLOCKS = 4096  # blocks per chunk: a few hundred KiB of fp32, which stays 
 _MASK32 = 0xFFFFFFFF
 
 
-def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
-    """(a * c) mod 2**32 for int64 `a` in [0, 2**32), without int64 overflow."""
-    return (a * (c & 0xFFFF) + (((a * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+def _mul32_(a: torch.Tensor, c: int) -> torch.Tensor:
+    """a <- (a * c) mod 2**32, in place, for int64 `a` in [0, 2**32), without int64 overflow."""
+    high = a * (c >> 16)
+    high &= 0xFFFF
+    high <<= 16
+    a *= c & 0xFFFF
+    a += high
+    a &= _MASK32
+    return a
 
 
 def uniform_hash(seed: int, offsets: torch.Tensor) -> torch.Tensor:
@@ -43,15 +49,17 @@ def uniform_hash(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     alone, independent of chunking, device and launch geometry: the Triton kernels compute the
     same hash with uint32 arithmetic.
     """
-    lo = offsets & _MASK32
-    hi = offsets >> 32
-    h = _mul32(lo, 0x9E3779B1) ^ _mul32(hi, 0x85EBCA77) ^ (seed & _MASK32)
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x7FEB352D)
-    h = h ^ (h >> 15)
-    h = _mul32(h, 0x846CA68B)
-    h = h ^ (h >> 16)
-    return (h >> 8).to(torch.float32) * (2.0**-24)
+    h = _mul32_(offsets & _MASK32, 0x9E3779B1)
+    if offsets.numel() and int(offsets.max()) > _MASK32:  # the high word is zero below 2**32
+        h ^= _mul32_(offsets >> 32, 0x85EBCA77)
+    h ^= seed & _MASK32
+    h ^= h >> 16
+    _mul32_(h, 0x7FEB352D)
+    h ^= h >> 15
+    _mul32_(h, 0x846CA68B)
+    h ^= h >> 16
+    h >>= 8
+    return h.to(torch.float32).mul_(2.0**-24)
 
 
 def _chunks(n: int, block: int):
@@ -162,6 +170,13 @@ def pack_bits(values: torch.Tensor, width: int) -> torch.Tensor:
     n = values.numel()
     if n == 0:
         return torch.empty(0, dtype=torch.uint8, device=values.device)
+    if 8 % width == 0:  # whole values per byte: combine 8 / width of them without a bit expansion
+        per = 8 // width
+        v = values.reshape(-1).to(torch.uint8)
+        if n % per:
+            v = torch.nn.functional.pad(v, (0, per - n % per))
+        shifts = torch.arange(0, 8, width, device=values.device, dtype=torch.uint8)
+        return (v.view(-1, per) << shifts).sum(dim=1, dtype=torch.uint8)
     shifts = torch.arange(width, device=values.device)
     bits = ((values.reshape(-1, 1).to(torch.int64) >> shifts) & 1).to(torch.uint8).reshape(-1)
     pad = -bits.numel() % 8
@@ -171,10 +186,18 @@ def pack_bits(values: torch.Tensor, width: int) -> torch.Tensor:
     return (bits.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
 
 
+def _unpack_small(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
+    """unpack_bits for widths dividing 8, as uint8."""
+    shifts = torch.arange(0, 8, width, device=packed.device, dtype=torch.uint8)
+    return ((packed.reshape(-1, 1) >> shifts) & ((1 << width) - 1)).reshape(-1)[:count]
+
+
 def unpack_bits(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
     """Inverse of pack_bits: `count` integers (int64) of `width` bits each."""
     if count == 0:
         return torch.empty(0, dtype=torch.int64, device=packed.device)
+    if 8 % width == 0:
+        return _unpack_small(packed, width, count).to(torch.int64)
     bits = ((packed.reshape(-1, 1) >> torch.arange(8, device=packed.device, dtype=torch.uint8)) & 1).reshape(-1)
     bits = bits[: count * width].view(count, width).to(torch.int64)
     return (bits << torch.arange(width, device=packed.device)).sum(dim=1)
@@ -203,9 +226,16 @@ def sign_quantize(x: torch.Tensor, block: int):
 
 def sign_dequantize(bits: torch.Tensor, scales: torch.Tensor, block: int, n: int) -> torch.Tensor:
     """Inverse of sign_quantize: +scale or -scale of the element's block."""
-    signs = unpack_bits(bits, 1, n).to(torch.float32) * 2 - 1
-    per_elem = scales.repeat_interleave(block)[:n]
-    return signs * per_elem
+    out = torch.empty(n, dtype=torch.float32, device=bits.device)
+    for start, end in _chunks(n, block):
+        o = out[start:end]
+        o.copy_(_unpack_small(bits[start // 8 : (end + 7) // 8], 1, end - start))
+        o.mul_(2).sub_(1)
+        whole = (end - start) // block
+        o[: whole * block].view(whole, block).mul_(scales[start // block : start // block + whole, None])
+        if (end - start) % block:
+            o[whole * block :].mul_(scales[start // block + whole])
+    return out
 
 
 # =================================================================================================
