@@ -47,6 +47,9 @@ def _load() -> None:
     global _LOADED
     if not _LOADED:
         importlib.import_module("gradcodec.codecs")
+        # the learned codec subclasses gradcodec.codec.Codec, whose module imports gradcodec.codecs:
+        # it cannot be imported from that package's __init__ without a cycle
+        importlib.import_module("gradcodec.codecs.learned")
         _LOADED = True
 
 

@@ -4,7 +4,7 @@ A payload carries a codec spec, a table of the original tensors (name, dtype, sh
 *sections*: flat typed arrays that the codec produced (codes, scales, indices, seeds, ...). Each
 tensor owns the sections listed with it; a codec that encodes all tensors jointly (the learned
 codec) puts its sections in the shared list. The layout is documented byte by byte in
-docs/wire-format.md and pinned by golden vectors in tests/test_wire_golden.py.
+docs/wire-format.md and pinned by golden vectors in tests/test_wire.py.
 
 Decoding is defensive: every length is checked against the bytes present, and the output size
 against a limit derived from the payload length, before anything is allocated.
@@ -24,16 +24,18 @@ from .errors import CorruptPayload, PayloadTooLarge, UnsupportedVersion
 MAGIC = b"GCDC"
 VERSION = 1
 PRELUDE = struct.Struct("<4sHHIQ")  # magic, version, flags, header length, stored payload length
+ALIGN = 8  # the header ends, and the payload region starts, 8-byte aligned
 CHECKSUM = struct.Struct("<I")
-ALIGN = 8
 
 FLAG_SINGLE = 1  # the input was one tensor, not a dict
 FLAG_ZSTD = 2  # the payload region is one zstd frame
 KNOWN_FLAGS = FLAG_SINGLE | FLAG_ZSTD
 
 MAX_SPEC_BYTES = 4096
+MAX_NAME_BYTES = 65535
+MAX_FINGERPRINT = 255
 MAX_NDIM = 32
-MAX_SECTIONS = 65535
+NAME_EXPANSION = 64  # decoded name bytes per header byte, at most (real LoRA names: about 6)
 # A section or output larger than this many times the payload is refused unless the caller raises
 # the limit. Sparse and low-rank codecs legitimately expand by 10^2..10^4; random-k only sends values.
 DEFAULT_MAX_EXPANSION = 1 << 16
@@ -122,13 +124,41 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _pad(n: int) -> int:
-    return -n % ALIGN
+def _pad(n: int, align: int = ALIGN) -> int:
+    return -n % align
 
 
 def _require_little_endian() -> None:
     if sys.byteorder != "little":
         raise CorruptPayload("gradcodec payloads are little-endian and this host is big-endian; not supported")
+
+
+def _varint(n: int) -> bytes:
+    """Unsigned LEB128: 7 bits per byte, low groups first, high bit set on all but the last byte."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _shared_prefix(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def section_layout(infos: list[SectionInfo]) -> tuple[list[int], int]:
+    """Offsets of the sections in the payload region, each aligned to its element size, and its length."""
+    offsets, pos = [], 0
+    for s in infos:
+        pos += _pad(pos, _itemsize(s.dtype))
+        offsets.append(pos)
+        pos += s.nbytes
+    return offsets, pos
 
 
 # --------------------------------------------------------------------------------------------- write
@@ -151,45 +181,41 @@ def pack(msg: Message, compress=None) -> bytes:
     spec = msg.codec.encode("utf-8")
     if len(spec) > MAX_SPEC_BYTES:
         raise ValueError(f"codec spec longer than {MAX_SPEC_BYTES} bytes")
-    if len(msg.fingerprint) > 255:
-        raise ValueError("model fingerprint longer than 255 bytes")
-    head = bytearray()
-    head += struct.pack("<H", len(spec)) + spec
-    head += struct.pack("<B", len(msg.fingerprint)) + msg.fingerprint
-    raw_len_at = len(head)
-    head += b"\0" * 8  # raw payload length, filled below
-    head += struct.pack("<I", len(msg.tensors))
+    if len(msg.fingerprint) > MAX_FINGERPRINT:
+        raise ValueError(f"model fingerprint longer than {MAX_FINGERPRINT} bytes")
     chunks: list[memoryview] = []
     raw_len = 0
 
-    def add_sections(sections: list[torch.Tensor]) -> None:
+    def section_list(sections: list[torch.Tensor]) -> bytes:
         nonlocal raw_len
-        if len(sections) > MAX_SECTIONS:
-            raise ValueError(f"more than {MAX_SECTIONS} sections")
-        head.extend(struct.pack("<H", len(sections)))
-        for s in sections:
-            data = _section_bytes(s)
-            head.extend(struct.pack("<BQ", CODE_OF_DTYPE[s.dtype], s.numel()))
+        out = bytearray(_varint(len(sections)))
+        for t in sections:
+            pad = _pad(raw_len, t.element_size())
+            if pad:
+                chunks.append(memoryview(b"\0" * pad))
+            data = _section_bytes(t)
             chunks.append(data)
-            raw_len += len(data)
-            if _pad(len(data)):
-                chunks.append(memoryview(b"\0" * _pad(len(data))))
-                raw_len += _pad(len(data))
+            raw_len += pad + len(data)
+            out += bytes([CODE_OF_DTYPE[t.dtype]]) + _varint(t.numel())
+        return bytes(out)
 
+    table = bytearray(_varint(len(msg.tensors)))
+    previous = b""
     for entry in msg.tensors:
         name = entry.name.encode("utf-8")
-        if len(name) > 0xFFFF:
-            raise ValueError(f"tensor name longer than 65535 bytes: {entry.name[:40]}...")
+        if len(name) > MAX_NAME_BYTES:
+            raise ValueError(f"tensor name longer than {MAX_NAME_BYTES} bytes: {entry.name[:40]}...")
         if len(entry.shape) > MAX_NDIM:
             raise ValueError(f"tensor {entry.name!r} has more than {MAX_NDIM} dimensions")
-        head += struct.pack("<H", len(name)) + name
-        head += struct.pack("<BB", CODE_OF_DTYPE[entry.dtype], len(entry.shape))
-        head += struct.pack(f"<{len(entry.shape)}Q", *entry.shape)
-        add_sections(entry.sections)
-    add_sections(msg.shared)
-    head[raw_len_at : raw_len_at + 8] = struct.pack("<Q", raw_len)
-    head += b"\0" * _pad(PRELUDE.size + len(head))
+        shared = _shared_prefix(previous, name)
+        table += _varint(shared) + _varint(len(name) - shared) + name[shared:]
+        table += bytes([CODE_OF_DTYPE[entry.dtype], len(entry.shape)]) + b"".join(map(_varint, entry.shape))
+        table += section_list(entry.sections)
+        previous = name
+    table += section_list(msg.shared)
 
+    head = _varint(len(spec)) + spec + _varint(len(msg.fingerprint)) + msg.fingerprint + _varint(raw_len) + table
+    head += b"\0" * _pad(PRELUDE.size + len(head))
     flags = FLAG_SINGLE if msg.single else 0
     if compress is not None:
         stored = [memoryview(compress(chunks, raw_len))]
@@ -197,7 +223,7 @@ def pack(msg: Message, compress=None) -> bytes:
     else:
         stored = chunks
     stored_len = sum(len(c) for c in stored)
-    front = PRELUDE.pack(MAGIC, VERSION, flags, len(head), stored_len) + bytes(head)
+    front = PRELUDE.pack(MAGIC, VERSION, flags, len(head), stored_len) + head
     crc = zlib.crc32(front)
     for c in stored:
         crc = zlib.crc32(c, crc)
@@ -209,40 +235,52 @@ def pack(msg: Message, compress=None) -> bytes:
 
 
 class _Reader:
-    """Bounds-checked little-endian reads from the header region."""
+    """Bounds-checked reads from the header region."""
 
     def __init__(self, buf: memoryview, start: int, end: int):
         self.buf, self.pos, self.end = buf, start, end
 
-    def take(self, fmt: str, what: str):
-        size = struct.calcsize(fmt)
-        if self.pos + size > self.end:
+    @property
+    def left(self) -> int:
+        return self.end - self.pos
+
+    def byte(self, what: str) -> int:
+        if self.pos >= self.end:
             raise CorruptPayload(f"header truncated while reading {what} at byte {self.pos}")
-        vals = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += size
-        return vals
+        self.pos += 1
+        return self.buf[self.pos - 1]
+
+    def varint(self, what: str, limit: int = 1 << 62) -> int:
+        value = shift = 0
+        while True:
+            b = self.byte(what)
+            value |= (b & 0x7F) << shift
+            if not b & 0x80:
+                break
+            shift += 7
+            if shift > 63:
+                raise CorruptPayload(f"{what}: variable-length integer longer than 10 bytes")
+        if value > limit:
+            raise CorruptPayload(f"{what} is {value}, more than the allowed {limit}")
+        return value
 
     def take_bytes(self, n: int, what: str) -> bytes:
-        if self.pos + n > self.end:
+        if n > self.left:
             raise CorruptPayload(f"header truncated while reading {what} ({n} bytes at byte {self.pos})")
         out = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
         return out
 
     def dtype(self, what: str) -> torch.dtype:
-        (code,) = self.take("<B", what)
+        code = self.byte(what)
         if code not in DTYPE_CODES:
             raise CorruptPayload(f"unknown dtype code {code} in {what}")
         return DTYPE_CODES[code]
 
     def sections(self, what: str) -> list[SectionInfo]:
-        (n,) = self.take("<H", f"section count of {what}")
-        out = []
-        for i in range(n):
-            dtype = self.dtype(f"section {i} of {what}")
-            (count,) = self.take("<Q", f"length of section {i} of {what}")
-            out.append(SectionInfo(dtype, count))
-        return out
+        # each section takes at least 2 header bytes: a count the header cannot hold is refused first
+        n = self.varint(f"section count of {what}", limit=self.left // 2)
+        return [SectionInfo(self.dtype(f"section {i} of {what}"), self.varint(f"length of section {i} of {what}")) for i in range(n)]
 
 
 def read_header(blob: bytes | bytearray | memoryview, verify_checksum: bool = True) -> Header:
@@ -278,40 +316,40 @@ def read_header(blob: bytes | bytearray | memoryview, verify_checksum: bool = Tr
             raise CorruptPayload(f"checksum mismatch (stored {stored_crc:#010x}, computed {actual:#010x})")
 
     r = _Reader(buf, PRELUDE.size, payload_offset)
-    (spec_len,) = r.take("<H", "codec spec length")
-    if spec_len > MAX_SPEC_BYTES:
-        raise CorruptPayload(f"codec spec of {spec_len} bytes exceeds {MAX_SPEC_BYTES}")
     try:
-        codec = r.take_bytes(spec_len, "codec spec").decode("utf-8")
+        codec = r.take_bytes(r.varint("codec spec length", MAX_SPEC_BYTES), "codec spec").decode("utf-8")
     except UnicodeDecodeError as e:
         raise CorruptPayload(f"codec spec is not valid UTF-8: {e}") from None
-    (fp_len,) = r.take("<B", "fingerprint length")
-    fingerprint = r.take_bytes(fp_len, "fingerprint")
-    (raw_len,) = r.take("<Q", "payload length")
-    (n_tensors,) = r.take("<I", "tensor count")
-    # each tensor needs at least 6 header bytes: refuse counts the header cannot hold before looping
-    if n_tensors * 6 > payload_offset - r.pos:
-        raise CorruptPayload(f"tensor count {n_tensors} cannot fit in a {head_len}-byte header")
+    fingerprint = r.take_bytes(r.varint("fingerprint length", MAX_FINGERPRINT), "fingerprint")
+    raw_len = r.varint("payload length")
+    # each tensor takes at least 5 header bytes: a count the header cannot hold is refused first
+    n_tensors = r.varint("tensor count", limit=r.left // 5)
     tensors = []
+    previous = b""
+    # front coding lets a few header bytes repeat a long name: cap the decoded names' total size
+    name_budget = NAME_EXPANSION * head_len + MAX_NAME_BYTES
     for i in range(n_tensors):
-        (name_len,) = r.take("<H", f"name length of tensor {i}")
+        shared = r.varint(f"name prefix of tensor {i}", limit=len(previous))
+        suffix = r.take_bytes(r.varint(f"name length of tensor {i}", MAX_NAME_BYTES - shared), f"name of tensor {i}")
+        previous = previous[:shared] + suffix
+        name_budget -= len(previous)
+        if name_budget < 0:
+            raise CorruptPayload(f"tensor names decode to more than {NAME_EXPANSION}x the header's size")
         try:
-            name = r.take_bytes(name_len, f"name of tensor {i}").decode("utf-8")
+            name = previous.decode("utf-8")
         except UnicodeDecodeError as e:
             raise CorruptPayload(f"name of tensor {i} is not valid UTF-8: {e}") from None
         dtype = r.dtype(f"tensor {name!r}")
-        (ndim,) = r.take("<B", f"ndim of tensor {name!r}")
+        ndim = r.byte(f"ndim of tensor {name!r}")
         if ndim > MAX_NDIM:
             raise CorruptPayload(f"tensor {name!r} declares {ndim} dimensions (max {MAX_NDIM})")
-        shape = r.take(f"<{ndim}Q", f"shape of tensor {name!r}")
-        if any(d >= 1 << 62 for d in shape):
-            raise CorruptPayload(f"tensor {name!r} declares an impossible shape {shape}")
-        tensors.append((name, dtype, tuple(shape), r.sections(f"tensor {name!r}")))
-    shared = r.sections("shared sections")
+        shape = tuple(r.varint(f"dimension {d} of tensor {name!r}") for d in range(ndim))
+        tensors.append((name, dtype, shape, r.sections(f"tensor {name!r}")))
+    shared_sections = r.sections("shared sections")
     pad = payload_offset - r.pos
-    if pad < 0 or pad >= ALIGN or any(buf[r.pos : payload_offset]):
+    if pad >= ALIGN or any(buf[r.pos : payload_offset]):
         raise CorruptPayload(f"header has {pad} unexplained bytes after the section table")
-    return Header(version, flags, codec, fingerprint, raw_len, stored_len, total, tensors, shared, payload_offset)
+    return Header(version, flags, codec, fingerprint, raw_len, stored_len, total, tensors, shared_sections, payload_offset)
 
 
 def output_limit(payload_len: int, max_output_bytes: int | None) -> int:
@@ -332,7 +370,7 @@ def unpack(blob: bytes | bytearray | memoryview, max_output_bytes: int | None = 
     limit = output_limit(h.total_len, max_output_bytes)
 
     all_sections = [s for t in h.tensors for s in t[3]] + h.shared
-    declared = sum(s.nbytes + _pad(s.nbytes) for s in all_sections)
+    offsets, declared = section_layout(all_sections)
     if declared != h.raw_payload_len:
         raise CorruptPayload(f"section table sums to {declared} bytes but the header declares {h.raw_payload_len}")
     out_bytes = sum(_itemsize(dt) * math.prod(shape) for _, dt, shape, _ in h.tensors)
@@ -355,20 +393,16 @@ def unpack(blob: bytes | bytearray | memoryview, max_output_bytes: int | None = 
             )
         region = bytearray(stored)
 
-    pos = 0
-
-    def read(infos: list[SectionInfo]) -> list[torch.Tensor]:
-        nonlocal pos
-        out = []
-        for s in infos:
-            n = s.nbytes
-            t = torch.frombuffer(region, dtype=torch.uint8, count=n, offset=pos) if n else torch.empty(0, dtype=torch.uint8)
-            out.append(t.view(s.dtype))
-            if any(region[pos + n : pos + n + _pad(n)]):
-                raise CorruptPayload(f"non-zero padding after a section at payload byte {pos + n}")
-            pos += n + _pad(n)
-        return out
-
-    tensors = [TensorEntry(name, dt, shape, read(infos)) for name, dt, shape, infos in h.tensors]
-    shared = read(h.shared)
+    views, end = [], 0
+    for info, offset in zip(all_sections, offsets):
+        if any(region[end:offset]):
+            raise CorruptPayload(f"non-zero padding before a section at payload byte {end}")
+        raw = torch.frombuffer(region, dtype=torch.uint8, count=info.nbytes, offset=offset) if info.nbytes else torch.empty(0, dtype=torch.uint8)
+        views.append(raw.view(info.dtype))
+        end = offset + info.nbytes
+    tensors, i = [], 0
+    for name, dt, shape, infos in h.tensors:
+        tensors.append(TensorEntry(name, dt, shape, views[i : i + len(infos)]))
+        i += len(infos)
+    shared = views[i:]
     return Message(h.codec, tensors, shared, h.single, h.fingerprint)

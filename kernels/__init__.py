@@ -1,9 +1,9 @@
 """The one dispatch point for gradcodec's kernel ops.
 
 Every op exists as a pure-PyTorch reference (kernels/reference.py: the spec and the CPU path) and,
-for the hot ones, as a Triton kernel (kernels/quant.py, kernels/pack.py). `select_backend` decides
-per call from the first tensor argument: Triton for CUDA tensors when Triton imports, the reference
-otherwise. The environment variable GRADCODEC_KERNELS forces a choice:
+for the hot ones, as a Triton kernel (kernels/quant.py, kernels/pack.py, kernels/canvas.py).
+`select_backend` decides per call from the first tensor argument: Triton for CUDA tensors when Triton
+imports, the reference otherwise. The environment variable GRADCODEC_KERNELS forces a choice:
 
   GRADCODEC_KERNELS=auto       (default) as above
   GRADCODEC_KERNELS=reference  always the PyTorch reference
@@ -32,6 +32,11 @@ TRITON_MODULES = {
     "unpack_bits": "pack",
     "sign_quantize": "pack",
     "sign_dequantize": "pack",
+    "canvas_pack": "canvas",
+    "canvas_unpack": "canvas",
+    "canvas_feedback": "canvas",
+    "block_encode": "canvas",
+    "block_decode": "canvas",
 }
 BACKENDS = ("auto", "reference", "triton")
 
@@ -91,6 +96,12 @@ pack_bits = _dispatched("pack_bits")
 unpack_bits = _dispatched("unpack_bits")
 sign_quantize = _dispatched("sign_quantize")
 sign_dequantize = _dispatched("sign_dequantize")
+# the learned codec's LoRA canvas ops (kernels/canvas.py); they dispatch on the layout table's device
+canvas_pack = _dispatched("canvas_pack")
+canvas_unpack = _dispatched("canvas_unpack")
+canvas_feedback = _dispatched("canvas_feedback")
+block_encode = _dispatched("block_encode")
+block_decode = _dispatched("block_decode")
 
 QMAX = reference.QMAX
 uniform_hash = reference.uniform_hash

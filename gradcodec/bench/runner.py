@@ -140,7 +140,7 @@ def bench_codec(spec: str, x: Tensors, workload: str, repeats: int, copy: Timing
     device = _device_of(x)
     codec = api.get_codec(spec, seed=seed)
     enc, blob = time_call(lambda: codec.encode(x), repeats, device)
-    dec, x_hat = time_call(lambda: api.decode(blob, device=device), repeats, device)
+    dec, x_hat = time_call(lambda: codec.decode(blob, device=device), repeats, device)
     d = metrics.distortion(x, x_hat)
     n, nbytes = metrics.numel(x), metrics.nbytes(x)
     del x_hat

@@ -5,7 +5,8 @@ Synthetic workloads are seeded and shaped as 2-D matrices so low-rank codecs app
   heavy      Student-t with 3 degrees of freedom (gradient outliers)
   lowrank    a rank-8 matrix plus 10 % Gaussian noise (LoRA-update-like structure)
   lora7b     a dict shaped like a LLaMA-7B rank-8 LoRA adapter on q/k/v/o in 32 layers (8.4M values)
-  file:PATH  a tensor or dict of tensors saved with torch.save or safetensors (e.g. captured updates)
+  file:PATH  a tensor or dict of tensors saved with torch.save or safetensors, or a capture file
+             (gradcodec.capture; file:PATH#i picks its round update i)
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .. import capture
 from ..codec import Tensors
 
 SYNTHETIC = ("gaussian", "heavy", "lowrank", "lora7b")
@@ -49,7 +51,7 @@ def make_workload(name: str, size: int, seed: int = 0, device: str = "cpu") -> T
     """The workload `name` with about `size` elements (lora7b and files have their own size)."""
     g = torch.Generator().manual_seed(seed)
     if name.startswith("file:"):
-        return load_tensors(Path(name[5:]), device)
+        return load_tensors(name[5:], device)
     if name == "lora7b":
         out = {}
         for key, shape in lora7b_shapes().items():
@@ -70,8 +72,14 @@ def make_workload(name: str, size: int, seed: int = 0, device: str = "cpu") -> T
     return x.to(device)
 
 
-def load_tensors(path: Path, device: str = "cpu") -> Tensors:
-    """A tensor or a dict of tensors from a torch.save or .safetensors file."""
+def load_tensors(path: str | Path, device: str = "cpu") -> Tensors:
+    """A tensor or a dict of tensors from a torch.save or .safetensors file.
+
+    A capture file (gradcodec.capture) gives one recorded round update: `PATH#i` picks record i
+    (default 0).
+    """
+    path, _, index = str(path).partition("#")
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"workload file {path} does not exist")
     if path.suffix == ".safetensors":
@@ -79,8 +87,13 @@ def load_tensors(path: Path, device: str = "cpu") -> Tensors:
 
         return load_file(str(path), device=device)
     obj = torch.load(path, map_location=device, weights_only=True)
+    if capture.is_capture(obj):
+        capture.check_records(obj, str(path))
+        records = obj["records"]
+        i = int(index or 0)
+        if not 0 <= i < len(records):
+            raise ValueError(f"{path} holds {len(records)} records; #{i} does not exist")
+        return records[i]["update"]
     if isinstance(obj, torch.Tensor) or (isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())):
         return obj
-    if isinstance(obj, dict) and "updates" in obj:  # a capture file: the first captured update
-        return obj["updates"][0]
-    raise ValueError(f"{path} holds a {type(obj).__name__}, not a tensor or a dict of tensors")
+    raise ValueError(f"{path} holds a {type(obj).__name__}, not a tensor, a dict of tensors or a capture")

@@ -1,0 +1,291 @@
+"""The AutoEncoders of the learned codec: the paper's convolutional AE and a light per-block one.
+
+    canvas [H, W] ──▶ Encoder ──▶ latent (ratio x H·W values) ──▶ Decoder ──▶ canvas [H, W]
+
+`conv` (CG-FedLLM's "ResNet" AE): `stages` stride-2 convolutions, each followed by residual blocks,
+then a 1x1 convolution to `latent_channels`; the decoder mirrors it with transposed convolutions.
+With six stages and 64 latent channels the latent is 1/64 of the canvas, as in the paper; the ratio is
+latent_channels / 4**stages, so 1/16 and 1/256 are 256 and 16 channels (`AEConfig.conv(ratio=...)`).
+The canvas is zero-padded to a multiple of 2**stages; any width works (the AE is fully convolutional).
+
+`block` (the light variant): the canvas is cut into tiles of [block_rows, block_cols]; each tile is
+projected to `latents` values by a learned matrix of its own (one per tile position), squashed by tanh
+and quantised to a fixed range (no latent scales travel); the decoder is a learned linear map back.
+Per-position weights are what make it work: the updates of one LoRA factor, across clients and
+rounds, concentrate in a low-dimensional subspace of their own, which a shared (convolutional) filter
+cannot represent. TGAP initialises it from each tile position's principal components. Its whole
+encoder and decoder are single fused kernels (gradcodec.kernels.block_encode / block_decode), from
+adapter tensors to int8 codes and back, which makes it the choice for CPU-only clients. Its size is
+2 x canvas values x latents per tile: per-factor tiles suit small adapters; large ones need short
+tiles (block_rows=64, block_cols=1 at 1/64 is 2 x 8.4M weights for LLaMA-7B q/k/v/o, rank 8).
+
+Encoders and decoders are separate modules: a client loads only the encoder, a server only the decoder
+(gradcodec.learned.modelfile).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import InvalidInput
+from .canvas import CanvasLayout
+
+ARCHS = ("conv", "block")
+LATENT_QMAX = {8: 127, 4: 7}
+
+
+@dataclass(frozen=True)
+class AEConfig:
+    """Everything that defines an AE's architecture and the adapter layout it was trained on.
+
+    Saved as JSON in the model file; two files with equal configs and weights have one fingerprint.
+    """
+
+    arch: str
+    canvas_height: int
+    canvas_width: int
+    layout_digest: str  # CanvasLayout.digest() of the adapter the AE was trained on
+    # conv
+    channels: tuple[int, ...] = ()  # one per stride-2 stage
+    latent_channels: int = 0
+    res_blocks: int = 1
+    # block
+    block_rows: int = 0
+    block_cols: int = 0
+    latents: int = 0  # per tile
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if self.arch not in ARCHS:
+            raise InvalidInput(f"AE arch must be one of {ARCHS}, got {self.arch!r}")
+        if min(self.canvas_height, self.canvas_width) < 1:
+            raise InvalidInput(f"canvas shape must be positive, got {self.canvas_height}x{self.canvas_width}")
+        if self.arch == "conv" and (not self.channels or min(self.channels) < 1 or self.latent_channels < 1
+                                    or self.res_blocks < 0):
+            raise InvalidInput("a conv AE needs channels (one per stage), latent_channels >= 1 and res_blocks >= 0")
+        if self.arch == "block":
+            if min(self.block_rows, self.block_cols, self.latents) < 1:
+                raise InvalidInput("a block AE needs block_rows, block_cols and latents >= 1")
+            if self.canvas_width % self.block_cols:
+                raise InvalidInput(f"block_cols={self.block_cols} must divide the canvas width {self.canvas_width}")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def conv(cls, layout: CanvasLayout, ratio: float = 1 / 64, stages: int = 6, width: int = 16,
+             max_channels: int = 128, res_blocks: int = 1) -> "AEConfig":
+        """The paper's AE for `layout`: `stages` stride-2 stages, channels width * 2**s (capped), and
+        latent channels 4**stages * ratio (1/64 at six stages: 64 channels)."""
+        latent = 4**stages * ratio
+        if stages < 1 or latent < 1 or abs(latent - round(latent)) > 1e-9:
+            raise InvalidInput(f"ratio {ratio} needs 4**stages * ratio to be a whole number of channels (stages={stages})")
+        channels = tuple(min(width * 2**s, max_channels) for s in range(stages))
+        return cls("conv", *layout.shape, layout.digest(), channels=channels, latent_channels=round(latent),
+                   res_blocks=res_blocks)
+
+    @classmethod
+    def block(cls, layout: CanvasLayout, ratio: float = 1 / 64, block_rows: int | None = None,
+              block_cols: int | None = None) -> "AEConfig":
+        """The light AE for `layout`: by default one tile per factor fold (block_rows = height,
+        block_cols = the largest power of two dividing every rank); latents = tile * ratio."""
+        rows = block_rows or layout.height
+        if block_cols is None:
+            block_cols = math.gcd(*(f.rank for f in layout.factors))
+            block_cols &= -block_cols  # the kernels need a power of two
+        if block_cols & (block_cols - 1) or any(f.rank % block_cols for f in layout.factors):
+            raise InvalidInput(f"block_cols={block_cols} must be a power of two dividing every factor's rank")
+        latents = rows * block_cols * ratio
+        if abs(latents - round(latents)) > 1e-9 or latents < 1:
+            raise InvalidInput(f"ratio {ratio} of a {rows}x{block_cols} tile is not a whole number of latents")
+        return cls("block", *layout.shape, layout.digest(), block_rows=rows, block_cols=block_cols,
+                   latents=round(latents))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "AEConfig":
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise InvalidInput("AE config is not a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidInput(f"AE config has unknown fields {unknown}; written by a newer gradcodec?")
+        return cls(**data)
+
+    # ------------------------------------------------------------------ derived shapes
+    @property
+    def multiple(self) -> int:
+        """The canvas is zero-padded to a multiple of this in both dimensions (conv) or rows (block)."""
+        return 2 ** len(self.channels) if self.arch == "conv" else self.block_rows
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        h = math.ceil(self.canvas_height / self.multiple) * self.multiple
+        if self.arch == "block":
+            return h, self.canvas_width
+        return h, math.ceil(self.canvas_width / self.multiple) * self.multiple
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        h, w = self.padded_shape
+        if self.arch == "conv":
+            return self.latent_channels, h // self.multiple, w // self.multiple
+        return h // self.block_rows, w // self.block_cols, self.latents
+
+    @property
+    def latent_numel(self) -> int:
+        return math.prod(self.latent_shape)
+
+    @property
+    def ratio(self) -> float:
+        """Latent values per canvas value (the paper's compression rate, before quantisation)."""
+        return self.latent_numel / (self.canvas_height * self.canvas_width)
+
+
+# ------------------------------------------------------------------------------------------ conv AE
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.gelu(self.conv1(x)))
+
+
+class ConvEncoder(nn.Module):
+    """canvas [B, H, W] -> latent [B, latent_channels, H/2**S, W/2**S] (after zero-padding)."""
+
+    def __init__(self, config: AEConfig):
+        super().__init__()
+        self.config = config
+        layers: list[nn.Module] = []
+        c_in = 1
+        for c in config.channels:
+            layers += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.GELU()]
+            layers += [ResBlock(c) for _ in range(config.res_blocks)]
+            c_in = c
+        layers.append(nn.Conv2d(c_in, config.latent_channels, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, canvas: torch.Tensor) -> torch.Tensor:
+        h, w = self.config.padded_shape
+        x = F.pad(canvas, (0, w - canvas.shape[-1], 0, h - canvas.shape[-2]))
+        return self.net(x.unsqueeze(1))
+
+
+class ConvDecoder(nn.Module):
+    """latent [B, latent_channels, h, w] -> canvas [B, H, W] (cropped to the layout's canvas)."""
+
+    def __init__(self, config: AEConfig):
+        super().__init__()
+        self.config = config
+        chans = list(config.channels)
+        layers: list[nn.Module] = [nn.Conv2d(config.latent_channels, chans[-1], 1)]
+        for i in reversed(range(len(chans))):
+            layers += [ResBlock(chans[i]) for _ in range(config.res_blocks)]
+            c_out = chans[i - 1] if i else 1
+            layers.append(nn.ConvTranspose2d(chans[i], c_out, 4, stride=2, padding=1))
+            if i:
+                layers.append(nn.GELU())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        out = self.net(latent).squeeze(1)
+        return out[..., : self.config.canvas_height, : self.config.canvas_width]
+
+
+# ------------------------------------------------------------------------------------------ block AE
+
+
+class BlockEncoder(nn.Module):
+    """canvas [B, H, W] -> pre-activations z [B, bands, groups, latents]; the latent is tanh(z).
+
+    Tile (band, group) = canvas rows [band * block_rows, ...) x columns [group * block_cols, ...),
+    flattened row-major; z = tile @ weight[band, group] + bias[band, group], as kernels.block_encode
+    computes it.
+    """
+
+    def __init__(self, config: AEConfig):
+        super().__init__()
+        self.config = config
+        bands, groups, k = config.latent_shape
+        tile = config.block_rows * config.block_cols
+        self.weight = nn.Parameter(torch.randn(bands, groups, tile, k) / math.sqrt(tile))
+        self.bias = nn.Parameter(torch.zeros(bands, groups, k))
+
+    def forward(self, canvas: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        h, w = c.padded_shape
+        x = F.pad(canvas, (0, 0, 0, h - canvas.shape[-2]))
+        tiles = x.reshape(-1, h // c.block_rows, c.block_rows, w // c.block_cols, c.block_cols)
+        tiles = tiles.permute(0, 1, 3, 2, 4).reshape(x.shape[0], h // c.block_rows, w // c.block_cols, -1)
+        return torch.einsum("nbgi,bgik->nbgk", tiles, self.weight) + self.bias
+
+
+class BlockDecoder(nn.Module):
+    """latent [B, bands, groups, latents] (values in [-1, 1]) -> canvas [B, H, W]."""
+
+    def __init__(self, config: AEConfig):
+        super().__init__()
+        self.config = config
+        bands, groups, k = config.latent_shape
+        tile = config.block_rows * config.block_cols
+        self.weight = nn.Parameter(torch.randn(bands, groups, k, tile) / math.sqrt(k))
+        self.bias = nn.Parameter(torch.zeros(bands, groups, tile))
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        n, bands, groups, _ = latent.shape
+        y = torch.einsum("nbgk,bgki->nbgi", latent, self.weight) + self.bias
+        y = y.view(n, bands, groups, c.block_rows, c.block_cols).permute(0, 1, 3, 2, 4)
+        return y.reshape(n, bands * c.block_rows, groups * c.block_cols)[:, : c.canvas_height]
+
+
+def quantize_tanh(z: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """tanh(z) rounded to the light AE's fixed grid k / QMAX, with a straight-through gradient."""
+    t = torch.tanh(z)
+    qmax = LATENT_QMAX[bits]
+    q = torch.floor(t * qmax + 0.5).clamp(-qmax, qmax) / qmax
+    return t + (q - t).detach()
+
+
+def build_encoder(config: AEConfig) -> nn.Module:
+    return ConvEncoder(config) if config.arch == "conv" else BlockEncoder(config)
+
+
+def build_decoder(config: AEConfig) -> nn.Module:
+    return ConvDecoder(config) if config.arch == "conv" else BlockDecoder(config)
+
+
+class AutoEncoder(nn.Module):
+    """Encoder and decoder of one config, for training (TGAP): forward(canvas) -> reconstruction.
+
+    `bits` sets the latent quantisation simulated in training: the light AE rounds tanh(z) to its
+    grid (straight-through); the conv AE adds uniform noise of one quantisation step of its blockwise
+    absmax quantiser's typical scale (0 = none).
+    """
+
+    def __init__(self, config: AEConfig, encoder: nn.Module | None = None, decoder: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder if encoder is not None else build_encoder(config)
+        self.decoder = decoder if decoder is not None else build_decoder(config)
+
+    def forward(self, canvas: torch.Tensor, bits: int = 8) -> torch.Tensor:
+        z = self.encoder(canvas)
+        if self.config.arch == "block":
+            return self.decoder(quantize_tanh(z, bits) if bits else torch.tanh(z))
+        if bits and self.training:
+            step = z.detach().abs().amax(dim=(1, 2, 3), keepdim=True) / LATENT_QMAX[bits]
+            z = z + (torch.rand_like(z) - 0.5) * step
+        return self.decoder(z)
