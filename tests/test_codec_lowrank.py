@@ -4,28 +4,22 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import gradcodec as gc
 from gradcodec import wire
-from gradcodec.codecs.base import EncodeContext
 from gradcodec.codecs.lowrank import PowerSGD
 from gradcodec.errors import CorruptPayload, InvalidInput
 from gradcodec.registry import build
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-FAST = settings(max_examples=40, deadline=None)
+from .strategies import DTYPES, FAST, ctx
 
 
 def stage(spec):
     kind, root, _ = build(spec)
     assert kind == "pipeline"
     return root
-
-
-def ctx(seed=0, name="w"):
-    return EncodeContext(name, torch.Generator().manual_seed(seed))
 
 
 def roundtrip(s, x, seed=0, name="w"):

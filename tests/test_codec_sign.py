@@ -3,45 +3,15 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import gradcodec as gc
 from gradcodec import wire
-from gradcodec.codecs.base import EncodeContext
 from gradcodec.codecs.sign import Sign
 from gradcodec.errors import CorruptPayload, InvalidInput
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-FAST = settings(max_examples=50, deadline=None)
-
-
-@st.composite
-def tensors(draw, max_numel=700, dtypes=DTYPES):
-    """Tensors of 0..3 dims (0-d and empty included), odd sizes, maybe non-contiguous, with ties and zeros."""
-    ndim = draw(st.integers(0, 3))
-    side = max(1, int(max_numel ** (1 / ndim))) if ndim else 1
-    shape = [draw(st.integers(0, side)) for _ in range(ndim)]
-    dtype = draw(st.sampled_from(dtypes))
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    kind = draw(st.sampled_from(["normal", "heavy", "sparse", "ties", "tiny"]))
-    strided = draw(st.booleans())
-    full = shape + [2] if strided else shape
-    base = torch.randn(full, generator=g)
-    if kind == "heavy":
-        base = (base / (torch.rand(full, generator=g) + 1e-2)).clamp(-1e3, 1e3)
-    elif kind == "sparse":
-        base = base * (torch.rand(full, generator=g) < 0.2)
-    elif kind == "ties":
-        base = torch.randint(-3, 4, full, generator=g).float()
-    elif kind == "tiny":
-        base = base * 1e-6
-    base = base.to(dtype)
-    return base[..., 0] if strided else base  # stride 2: non-contiguous
-
-
-def ctx(name="w"):
-    return EncodeContext(name, torch.Generator().manual_seed(0))
+from .strategies import FAST, ctx, tensors
 
 
 def blocks(v, block):

@@ -3,12 +3,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import gradcodec as gc
 from gradcodec import kernels, wire
-from gradcodec.codecs.base import EncodeContext
 from gradcodec.codecs.sparse import (
     RandK,
     TopK,
@@ -21,41 +20,13 @@ from gradcodec.codecs.sparse import (
 from gradcodec.errors import CorruptPayload, InvalidInput
 from gradcodec.registry import build
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-FAST = settings(max_examples=40, deadline=None)
-STAT = settings(max_examples=12, deadline=None, derandomize=True)  # statistical: fixed examples, never flaky
-
-
-@st.composite
-def tensors(draw, max_numel=700, dtypes=DTYPES):
-    """Tensors of 0..3 dims (0-d and empty included), odd sizes, maybe non-contiguous, with ties and zeros."""
-    ndim = draw(st.integers(0, 3))
-    side = max(1, int(max_numel ** (1 / ndim))) if ndim else 1
-    shape = [draw(st.integers(0, side)) for _ in range(ndim)]
-    dtype = draw(st.sampled_from(dtypes))
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    kind = draw(st.sampled_from(["normal", "heavy", "sparse", "ties"]))
-    strided = draw(st.booleans())
-    full = shape + [2] if strided else shape
-    base = torch.randn(full, generator=g)
-    if kind == "heavy":
-        base = (base / (torch.rand(full, generator=g) + 1e-2)).clamp(-1e3, 1e3)
-    elif kind == "sparse":
-        base = base * (torch.rand(full, generator=g) < 0.2)
-    elif kind == "ties":
-        base = torch.randint(-3, 4, full, generator=g).float()
-    base = base.to(dtype)
-    return base[..., 0] if strided else base  # stride 2: non-contiguous
+from .strategies import FAST, STAT, ctx, tensors
 
 
 def stage(spec):
     kind, root, _ = build(spec)
     assert kind == "pipeline"
     return root
-
-
-def ctx(seed=0, name="w"):
-    return EncodeContext(name, torch.Generator().manual_seed(seed))
 
 
 def repack(codec, shape, sections, dtype=torch.float32):

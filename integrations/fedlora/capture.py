@@ -18,9 +18,7 @@ checkpoint on a GPU: `--model /path/to/llama --device cuda --dtype bfloat16 --da
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
-from pathlib import Path
 from typing import Callable
 
 import torch
