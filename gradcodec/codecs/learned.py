@@ -37,18 +37,16 @@ from typing import Any
 import torch
 
 from .. import kernels, wire
-from ..codec import Codec, check_finite
+from ..codec import RAW, Codec, check_finite
 from ..errors import CorruptPayload, InvalidInput, ModelMismatch
 from ..learned.canvas import CanvasLayout
 from ..learned.model import LATENT_QMAX
 from ..learned.modelfile import LearnedModel, load_model
 from ..registry import build, canonical_spec, register
 from .base import EncodeContext, check_section, power_of_two_block
-from .cast import Raw
 
 # RMS scales come from a sum of squares, which overflows fp32 for values beyond ~1.8e19
 MAX_SCALE = 2.0**63
-RAW = Raw()
 
 
 @register("cgfed")
