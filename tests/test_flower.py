@@ -189,7 +189,8 @@ def test_a_compressed_record_is_one_payload_plus_a_config_record(task_identity):
         assert {payload[k].dtype for k in ("w", "scale", "half", "double")} == {torch.float32}  # updates
         assert bits(payload["steps"].numpy()) == bits(local_update(arrays_of(g), node)["steps"])  # values
         replies.append(wire(reply))
-    del replies[1].content[META_PREFIX + "arrays"]  # without its ConfigRecord a record cannot be rebuilt
+    node_2 = next(r for r in replies if r.metadata.src_node_id == 2)  # Flower samples nodes in random order
+    del node_2.content[META_PREFIX + "arrays"]  # without its ConfigRecord a record cannot be rebuilt
     wrapper.aggregate_train(1, replies)
     assert set(wrapper.history[1].uplink) == {1} and "CorruptPayload" in wrapper.history[1].dropped[2]
 

@@ -1,5 +1,5 @@
 """Instruction data of the reference federated app: a generated task suite, an Alpaca/Dolly loader,
-the non-IID client split, and prompt formatting / tokenisation / padding.
+the non-IID client split, prompt formatting / tokenisation / padding, and the pre-training corpus.
 
 The generated suite needs no download and every answer is checkable, so exact-match accuracy is a
 meaningful quality measure for comparing codecs. Each example is a dict
@@ -30,12 +30,15 @@ class TaskSizes:
 
     `max_digits`: operands of `add` have up to this many digits. `min_len`/`max_len`: length range of
     the strings of `sort`, `copy`, `reverse`, `count` and `upper`. `num_keys`: entries of a `lookup` list.
+    The defaults are sized for the CPU default (`tiny` pre-trained for ~2 minutes): small enough that
+    it learns most tasks, so fine-tuning quality differences show. Larger sizes make harder suites for
+    bigger models.
     """
 
-    max_digits: int = 2
+    max_digits: int = 1
     min_len: int = 3
-    max_len: int = 6
-    num_keys: int = 4
+    max_len: int = 5
+    num_keys: int = 3
 
     def __post_init__(self) -> None:
         if self.max_digits < 1 or self.min_len < 1 or self.max_len < self.min_len or not 1 <= self.num_keys <= 26:
@@ -255,3 +258,33 @@ def collate(features: Sequence[dict[str, list[int]]], pad_id: int, padding_side:
             rows.append(padding + list(values) if padding_side == "left" else list(values) + padding)
         batch[key] = torch.tensor(rows, dtype=torch.long)
     return batch
+
+
+def format_plain(example: Example) -> str:
+    """`example` as one line of plain text, `"{instruction} {input} = {output}"`: the pre-training rendering.
+
+    It states the task and its answer back to back with no template, the way skills appear in raw
+    pre-training text, so a base model pre-trained on it has the skills but not the instruction format.
+    """
+    return f"{example['instruction']} {example['input']} = {example['output']}\n"
+
+
+def pretraining_windows(examples: Sequence[Example], tokenizer: Tokenizer, seq_len: int, template_share: float,
+                        seed: int) -> list[dict[str, list[int]]]:
+    """A packed language-modelling corpus cut into `seq_len`-token training features (labels = input_ids).
+
+    Each example is rendered with `format_plain`, except a seeded random `template_share` of them,
+    which appear in the instruction template with bos/eos (so the base has seen the format, rarely).
+    The stream is cut into consecutive windows; the incomplete tail is dropped.
+    """
+    if not 0 <= template_share <= 1:
+        raise ValueError(f"template_share must be in [0, 1], got {template_share}")
+    rng = random.Random(seed)
+    stream: list[int] = []
+    for example in examples:
+        if rng.random() < template_share:
+            stream += tokenizer.encode(format_prompt(example) + example["output"], add_bos=True, add_eos=True)
+        else:
+            stream += tokenizer.encode(format_plain(example), add_bos=False)
+    return [{"input_ids": stream[i:i + seq_len], "labels": stream[i:i + seq_len]}
+            for i in range(0, len(stream) - seq_len + 1, seq_len)]

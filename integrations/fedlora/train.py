@@ -8,7 +8,7 @@ inputs (and `seed`), and neither changes torch's global random state or thread s
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,29 +36,36 @@ def _token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tup
 
 def train_steps(model: torch.nn.Module, params: Iterable[torch.nn.Parameter], features: Sequence[Feature],
                 pad_id: int, *, steps: int, lr: float, batch_size: int, seed: int, weight_decay: float = 0.0,
-                max_grad_norm: float | None = 1.0, progress: bool = False, desc: str = "train") -> list[float]:
+                betas: tuple[float, float] = (0.9, 0.999), max_grad_norm: float | None = 1.0,
+                lr_schedule: Callable[[int], float] | None = None, progress: bool = False,
+                desc: str = "train") -> list[float]:
     """Run `steps` AdamW steps on `params` and return each step's loss (mean over the batch's labelled tokens).
 
     Batches are cut from a stream of seeded random permutations of `features`, so every batch has
     `batch_size` rows and every feature is seen once per pass. The optimizer is fresh on each call, as a
-    federated client's is at each round. Full pre-training and LoRA fine-tuning both use this loop.
+    federated client's is at each round. `lr_schedule(step)`, if given, multiplies `lr` at each step.
+    Full pre-training and LoRA fine-tuning both use this loop.
     """
     params = list(params)
     if not params:
-        raise ValueError("no trainable parameters: attach a LoRA adapter (model.attach_lora) before training")
+        raise ValueError("no parameters to train")
     if not features:
         raise ValueError("cannot train on an empty dataset")
     if steps < 0 or batch_size < 1 or not lr > 0:
         raise ValueError(f"need steps >= 0, batch_size >= 1 and lr > 0; got {steps}, {batch_size}, {lr}")
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
     was_training = model.training
     model.train()
     losses = []
-    with torch.random.fork_rng(devices=[]):
+    device = params[0].device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # dropout, if the model has any
-        for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+        for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+            if lr_schedule is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * lr_schedule(step)
             while len(order) < batch_size:
                 order += torch.randperm(len(features), generator=generator).tolist()
             batch = collate([features[i] for i in order[:batch_size]], pad_id)
@@ -79,7 +86,7 @@ def local_train(model: torch.nn.Module, data: Sequence[Example | Feature], token
                 steps: int | None = None, epochs: float | None = None, lr: float = 1e-3, batch_size: int = 16,
                 seed: int = 0, max_length: int = 128, weight_decay: float = 0.0,
                 max_grad_norm: float | None = 1.0, progress: bool = False) -> dict[str, float | int]:
-    """Train the model's LoRA parameters (those requiring grad) with AdamW on `data`; give exactly one of `steps`, `epochs`.
+    """Train the model's LoRA adapter with AdamW on `data`; give exactly one of `steps`, `epochs`.
 
     `data` holds examples (`dataset.generate_examples` / `load_instructions`) or features already made by
     `dataset.tokenize_example`. `epochs` may be fractional: it sets `ceil(epochs * len(data) / batch_size)`
@@ -92,8 +99,13 @@ def local_train(model: torch.nn.Module, data: Sequence[Example | Feature], token
         if not epochs > 0:
             raise ValueError(f"epochs must be > 0, got {epochs}")
         steps = math.ceil(epochs * len(data) / batch_size)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    losses = train_steps(model, trainable, _features(data, tokenizer, max_length), tokenizer.pad_id,
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    not_lora = [n for n in trainable if "lora_" not in n]
+    if not trainable or not_lora:
+        found = f"not all LoRA (e.g. {not_lora[0]})" if not_lora else "none"
+        raise ValueError(f"local_train trains a LoRA adapter only, but the model's trainable parameters are {found}; "
+                         "wrap it with fedlora.model.attach_lora first")
+    losses = train_steps(model, trainable.values(), _features(data, tokenizer, max_length), tokenizer.pad_id,
                          steps=steps, lr=lr, batch_size=batch_size, seed=seed, weight_decay=weight_decay,
                          max_grad_norm=max_grad_norm, progress=progress, desc="local train")
     return {"loss": sum(losses) / len(losses) if losses else float("nan"), "num_examples": len(data), "steps": steps}
@@ -110,8 +122,8 @@ def _greedy(model: torch.nn.Module, prompts: list[list[int]], pad_id: int, eos_i
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     cache = None
     for _ in range(max_new_tokens):
-        result = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-        cache = result.past_key_values
+        result = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        cache = result.cache
         next_ids = result.logits[:, -1].argmax(dim=-1)
         done |= next_ids == eos_id
         for row, (token, finished) in enumerate(zip(next_ids.tolist(), done.tolist())):
