@@ -62,12 +62,15 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 class Codec(ABC):
     """A configured codec: `encode(x) -> bytes`, `decode(bytes) -> x`, plus optional client state.
 
-    Public attributes: `spec`, the canonical spec written into every payload, and `lossless`, whether
-    decode(encode(x)) is bit-exact for every input (integer and bool tensors are always sent raw).
+    Public attributes: `spec`, the canonical spec written into every payload, `lossless`, whether
+    decode(encode(x)) is bit-exact for every input (integer and bool tensors are always sent raw), and
+    `model`, the learned model a learned codec encodes with (None for the classic codecs): the spec
+    names no model, so a transport that carries the spec also carries `model.fingerprint`.
     """
 
     spec: str
     lossless: bool
+    model = None
 
     def __init__(self, byte_stage: Zstd | None = None, seed: int | None = None, allow_nonfinite: bool = False):
         self.byte_stage = byte_stage

@@ -56,6 +56,11 @@ Exactness and the downlink
 * With a lossless uplink codec ("raw", "zstd") the rebuilt arrays are bit-identical to the app's: the
   mod checks that ``reference + update`` rebuilds each array bit for bit (float rounding can prevent it
   where a value changes by orders of magnitude) and sends the few arrays where it does not as values.
+* A learned codec (``"cgfed:model=ae.safetensors"``) works like any other: the handshake names its
+  model by fingerprint (``"uplink-model"``), and each client encodes with the model of that fingerprint
+  among those it was given (`gradcodec_mod(..., models=[...])`, or the model of its own spec); a client
+  that has none replies uncompressed, with a warning. The server decodes with the uplink codec's model
+  and `CompressedStrategy(..., models=[...])`.
 * With a lossy codec each client keeps error-feedback residuals in ``context.state`` (an ArrayRecord per
   codec spec and record name, the `ErrorFeedback` state dict), so what one round loses is sent in a
   later one; Flower carries ``context.state`` between rounds in simulation and in deployment.
@@ -80,7 +85,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,7 +100,8 @@ from flwr.supercore import log
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 
 import gradcodec
-from gradcodec.errors import CorruptPayload, GradcodecError
+from gradcodec.errors import CorruptPayload, GradcodecError, ModelMismatch
+from gradcodec.learned import LearnedModel, load_model
 
 __all__ = [
     "CompressedStrategy",
@@ -208,6 +214,21 @@ def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
+def _learned_models(codec: gradcodec.Codec | None, models: Sequence[str | LearnedModel]) -> list[LearnedModel]:
+    """The model `codec` encodes with (a learned codec's), then `models` (paths or loaded), loaded once."""
+    own = [codec.model] if codec is not None and codec.model is not None else []
+    return own + [load_model(m) for m in models]
+
+
+def _model_with(fingerprint: str, models: Sequence[LearnedModel]) -> LearnedModel:
+    for m in models:
+        if m.fingerprint.hex() == fingerprint:
+            return m
+    known = ", ".join(m.fingerprint.hex() for m in models) or "none"
+    raise ModelMismatch(f"the server asks for learned model {fingerprint}; this client has {known} "
+                        "(give the model file to gradcodec_mod(..., models=[...]))")
+
+
 # ====================================================================== gradcodec records
 
 
@@ -228,18 +249,20 @@ def _rebuild(
     meta: Any,
     ref: Mapping[str, Array] | None = None,
     cache: dict[int, torch.Tensor] | None = None,
+    models: Sequence[Any] = (),
 ) -> tuple[ArrayRecord, str]:
     """The ArrayRecord a gradcodec record stands for, and the codec spec of its payload.
 
     meta: its ConfigRecord. ref: the reference Arrays by key (uplink), None when the payload holds
     values only (downlink). cache: reference tensors by id() of their Array, shared across the replies
-    of a round. Raises CorruptPayload (or another GradcodecError) for anything malformed.
+    of a round. models: learned models to decode with. Raises CorruptPayload (or another
+    GradcodecError) for anything malformed.
     """
     keys = meta.get("keys") if isinstance(meta, ConfigRecord) else None
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
         raise CorruptPayload("gradcodec record: its ConfigRecord has no valid 'keys' list")
     blob = record[RECORD_KEY].data
-    payload = gradcodec.decode(blob)
+    payload = gradcodec.decode(blob, models=list(models))
     if not isinstance(payload, dict):
         raise CorruptPayload("gradcodec record: the payload holds a lone tensor, not named tensors")
     as_is = {k: a for k, a in record.items() if k != RECORD_KEY}
@@ -281,7 +304,8 @@ def _reference(ref: Mapping[str, Array], key: str, shape: tuple[int, ...], cache
 # ====================================================================== client side
 
 
-def gradcodec_mod(codec: str = "int8", error_feedback: bool = True, seed: int | None = None, *, measure: bool = True) -> Mod:
+def gradcodec_mod(codec: str = "int8", error_feedback: bool = True, seed: int | None = None, *,
+                  models: Sequence[str | LearnedModel] = (), measure: bool = True) -> Mod:
     """A ClientApp mod that compresses TRAIN replies for a `CompressedStrategy` server.
 
     codec: the gradcodec spec for the update ("int8", "int4", "topk:ratio=0.01|int8|zstd", "raw", ...);
@@ -290,6 +314,8 @@ def gradcodec_mod(codec: str = "int8", error_feedback: bool = True, seed: int | 
         ignored for lossless ones).
     seed: seeds stochastic codecs; each reply uses seed, node and a per-client counter, so runs repeat
         without every round drawing the same random numbers.
+    models: learned-codec model files (or loaded models) the server may ask for by fingerprint; the
+        model of `codec` itself (``"cgfed:model=ae.safetensors"``) is always one of them.
     measure: add ``gradcodec.message-bytes`` and ``gradcodec.uncompressed-message-bytes`` (serialises the
         reply once more; turn off for very large models if the hashing time matters).
 
@@ -299,7 +325,9 @@ def gradcodec_mod(codec: str = "int8", error_feedback: bool = True, seed: int | 
     ``gradcodec.payload-bytes``, ``gradcodec.uncompressed-bytes``, ``gradcodec.encode-s`` and, with
     `measure`, the two message sizes.
     """
-    default_spec = gradcodec.get_codec(codec).spec  # fail on a bad spec when the app is built, not mid-run
+    own = gradcodec.get_codec(codec)  # fail on a bad spec when the app is built, not mid-run
+    known = _learned_models(own, models)
+    default = (own.spec, own.model.fingerprint.hex() if own.model is not None else "")
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if msg.has_error() or not msg.has_content():
@@ -310,7 +338,8 @@ def gradcodec_mod(codec: str = "int8", error_feedback: bool = True, seed: int | 
         if request.get("v", _VERSION) != _VERSION:
             log(logging.WARNING, "gradcodec_mod: the server speaks protocol %s, this client %s; replying uncompressed", request.get("v"), _VERSION)
             return call_next(msg, context)
-        spec = str(request.get("uplink") or "") or default_spec
+        asked = str(request.get("uplink") or "")
+        spec, fingerprint = (asked, str(request.get("uplink-model") or "")) if asked else default
         received = {name: {k: _copy_array(a) for k, a in rec.items()} for name, rec in msg.content.array_records.items()}
         exact = set(received) - lossy  # references the server holds bit for bit
 
@@ -318,7 +347,8 @@ def gradcodec_mod(codec: str = "int8", error_feedback: bool = True, seed: int | 
         if reply.has_error() or not reply.has_content():
             return reply
         try:
-            return _compress_reply(reply, received, exact, spec, error_feedback, seed, context, measure)
+            model = _model_with(fingerprint, known) if fingerprint else None
+            return _compress_reply(reply, received, exact, spec, model, error_feedback, seed, context, measure)
         except GradcodecError as e:
             # E.g. NaN/Inf in the update. Send what the app made, and forget this codec's saved state
             # (residuals) so that stale state cannot make every later round fail too.
@@ -357,8 +387,8 @@ def _open_instruction(msg: Message) -> tuple[ConfigRecord | None, set[str]]:
     return request, lossy
 
 
-def _codec_for(spec: str, error_feedback: bool, seed: int | None, context: Context):
-    """(codec object, whether it is lossless) for one record of one reply."""
+def _codec_for(spec: str, model: LearnedModel | None, error_feedback: bool, seed: int | None, context: Context):
+    """(codec object, whether it is lossless) for one record of one reply; `model` for a learned codec."""
     lossless = gradcodec.get_codec(spec).lossless
     call_seed = None
     if seed is not None:
@@ -368,7 +398,8 @@ def _codec_for(spec: str, error_feedback: bool, seed: int | None, context: Conte
         node = context.node_config.get("partition-id", context.node_id)
         digest = hashlib.sha256(f"{seed}:{node}:{calls}".encode()).digest()
         call_seed = int.from_bytes(digest[:8], "little") >> 1
-    return gradcodec.get_codec(spec, error_feedback=error_feedback and not lossless, seed=call_seed), lossless
+    params = {"model": model} if model is not None else {}
+    return gradcodec.get_codec(spec, error_feedback=error_feedback and not lossless, seed=call_seed, **params), lossless
 
 
 def _load_state(codec, saved: Any, record: ArrayRecord) -> None:
@@ -426,6 +457,7 @@ def _compress_reply(
     received: dict[str, dict[str, Array]],
     exact: set[str],
     spec: str,
+    model: LearnedModel | None,
     error_feedback: bool,
     seed: int | None,
     context: Context,
@@ -443,7 +475,7 @@ def _compress_reply(
         if not isinstance(rec, ArrayRecord) or is_gradcodec_record(rec) or ref_name is None:
             new[name] = rec
             continue
-        codec, lossless = _codec_for(spec, error_feedback, seed, context)
+        codec, lossless = _codec_for(spec, model, error_feedback, seed, context)
         state_key = f"{STATE_PREFIX}{codec.spec}:{name}"
         _load_state(codec, context.state.get(state_key), rec)
         # Bit-exact rebuilding is only possible (and checked) against a reference the server holds as is.
@@ -566,7 +598,10 @@ class CompressedStrategy(Strategy):
     strategy: the strategy to wrap; everything not listed here is delegated to it (attributes too).
     downlink_codec: also compress the arrays of TRAIN instructions (e.g. "bf16", "int8"); None sends them
         as the strategy made them. Clients decode them and measure their update from the decoded arrays.
-    uplink_codec: the codec clients must use; None lets each client's mod choose.
+    uplink_codec: the codec clients must use; None lets each client's mod choose. A learned codec names
+        its model file (``"cgfed:model=ae.safetensors"``); clients are asked for that model by fingerprint.
+    models: further learned-codec model files (or loaded models) to decode replies with, e.g. the
+        models of clients that choose their own learned codec.
     measure: serialise messages to record their Flower wire size in `history` (costs one hashing pass
         over each distinct message).
 
@@ -574,10 +609,14 @@ class CompressedStrategy(Strategy):
     ``gradcodec.uplink-payload-bytes`` and ``gradcodec.uplink-message-bytes`` (totals over the round).
     """
 
-    def __init__(self, strategy: Strategy, downlink_codec: str | None = None, uplink_codec: str | None = None, *, measure: bool = True):
+    def __init__(self, strategy: Strategy, downlink_codec: str | None = None, uplink_codec: str | None = None, *,
+                 models: Sequence[str | LearnedModel] = (), measure: bool = True):
         self.strategy = strategy
         self.downlink_codec = gradcodec.get_codec(downlink_codec).spec if downlink_codec else None
-        self.uplink_codec = gradcodec.get_codec(uplink_codec).spec if uplink_codec else None
+        uplink = gradcodec.get_codec(uplink_codec) if uplink_codec else None
+        self.uplink_codec = uplink.spec if uplink is not None else None
+        self.uplink_model = uplink.model.fingerprint.hex() if uplink is not None and uplink.model is not None else ""
+        self.models = _learned_models(uplink, models)
         self.measure = measure
         self.history: dict[int, RoundStats] = {}
         self._sent: list[tuple[Message, RecordDict]] = []
@@ -648,7 +687,10 @@ class CompressedStrategy(Strategy):
             new[name] = rec
         for name, meta in metas.items():
             new[name] = meta
-        new[HANDSHAKE_KEY] = ConfigRecord({"v": _VERSION, "uplink": self.uplink_codec or ""})
+        handshake = {"v": _VERSION, "uplink": self.uplink_codec or ""}
+        if self.uplink_model:
+            handshake["uplink-model"] = self.uplink_model
+        new[HANDSHAKE_KEY] = ConfigRecord(handshake)
         return new, Transfer(-1, spec, payload, uncompressed, seconds=time.perf_counter() - t0)
 
     def _encode_downlink(self, rec: ArrayRecord) -> tuple[ArrayRecord, ConfigRecord]:
@@ -726,7 +768,7 @@ class CompressedStrategy(Strategy):
                 ref_name = meta.get("ref") if isinstance(meta, ConfigRecord) else None
                 if not isinstance(ref_name, str) or ref_name not in sent_records:
                     raise CorruptPayload(f"gradcodec record {name!r}: {META_PREFIX + name!r} names no reference sent to this node")
-                new[name], record_spec = _rebuild(rec, meta, sent_records[ref_name], cache)
+                new[name], record_spec = _rebuild(rec, meta, sent_records[ref_name], cache, self.models)
                 spec = spec or record_spec
                 payload += _array_nbytes(rec)
             else:

@@ -25,6 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.common.serde import message_from_proto, message_to_proto  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
+import gradcodec  # noqa: E402
 from gradcodec.cli import build_parser  # noqa: E402
 from gradcodec.integrations import peft  # noqa: E402
 from gradcodec.integrations.fedlora import app as fl_app  # noqa: E402
@@ -242,22 +243,56 @@ def test_a_supernode_without_a_partition_is_told_how_to_start(task_identity):
         fl_app.client_train(msg, ctx, SMALL)
 
 
+def test_cgfed_without_a_model_is_trained_once_on_a_pilot_of_other_data(tmp_path, monkeypatch):
+    from gradcodec.integrations.fedlora import capture, run
+    from gradcodec.integrations.fedlora.model import lora_shapes
+
+    pilots = []
+
+    def fake_pilot(config, progress=False):  # round updates of the tiny adapter's layout
+        pilots.append(config)
+        g = torch.Generator().manual_seed(0)
+        updates = [{k: torch.randn(shape, generator=g) for k, shape in lora_shapes("tiny").items()} for _ in range(20)]
+        return {"records": [{"update": u} for u in updates]}
+
+    monkeypatch.setattr(capture, "run_federated", fake_pilot)
+    monkeypatch.setenv("GRADCODEC_CACHE", str(tmp_path))
+    cfg = SMALL.replace(cgfed_ratio="1/16", tgap_rounds=3)
+    spec = run.train_learned_codec("cgfed:bits=4|zstd", cfg)
+    head, model_file = spec.split(",model=")
+    assert head == "cgfed:bits=4" and model_file.endswith(".safetensors|zstd") and len(pilots) == 1
+    model = gradcodec.get_codec(spec).model
+    assert model.config.arch == "block" and model.config.ratio == 1 / 16
+    (pilot,) = pilots
+    assert (pilot.rounds, pilot.lora_seed) == (3, cfg.lora_seed)  # the adapter the AE will serve ...
+    assert (pilot.seed, pilot.data_seed) != (cfg.seed, cfg.data_seed)  # ... but not the run's own updates
+    assert run.train_learned_codec("cgfed:bits=4|zstd", cfg) == spec and len(pilots) == 1  # cached
+    assert run.train_learned_codec("cgfed", cfg.replace(cgfed_ratio="1/64")) != spec.split("|")[0]
+    with pytest.raises(ValueError, match="fraction such as 1/64"):
+        run.train_learned_codec("cgfed", cfg.replace(cgfed_ratio="a lot"))
+
+
 # ====================================================================== Flower's simulation engine
 
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory):
-    """raw then int8, 2 rounds x 3 clients; partition 1 fails in round 1 (about 40 s, mostly Ray start-up)."""
+    """raw, int8, then cgfed with an AE that TGAP trains first on a 2-round pilot; 2 rounds x 3 clients;
+    partition 1 fails in round 1 (about 60 s, mostly Ray start-up)."""
     from gradcodec.integrations.fedlora.run import simulate
 
     out = tmp_path_factory.mktemp("fedtrain")
-    cfg = SMALL.replace(codecs=("raw", "int8"), fail_partition=1, fail_round=1, out_dir=str(out))
-    return simulate(cfg), out
+    cfg = SMALL.replace(codecs=("raw", "int8", "cgfed"), tgap_rounds=2, fail_partition=1, fail_round=1, out_dir=str(out))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADCODEC_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return simulate(cfg), out
 
 
 def test_simulation_runs_every_codec_and_writes_a_record_per_round(simulated):
     result, out = simulated
-    assert [(r["codec"], r["round"]) for r in result.records] == [(c, r) for c in ("raw", "int8") for r in (0, 1, 2)]
+    raw, int8, cgfed = result.config["codecs"]
+    assert (raw, int8) == ("raw", "int8") and cgfed.startswith("cgfed:model=") and Path(cgfed[12:]).is_file()
+    assert [(r["codec"], r["round"]) for r in result.records] == [(c, r) for c in (raw, int8, cgfed) for r in (0, 1, 2)]
     assert read_records(out / "rounds.jsonl") == json.loads(json.dumps(result.records))
     assert {p.name for p in out.iterdir()} >= {"rounds.jsonl", "summary.json", "table.md", "compare.png"}
     for r in result.records:
@@ -281,12 +316,14 @@ def test_simulation_leaves_the_failed_client_out_of_its_round_and_continues(simu
 
 def test_simulation_table_compares_codecs_against_raw(simulated):
     result, out = simulated
-    rows = {row["codec"]: row for row in result.rows}
+    rows = {row["codec"].split(":")[0]: row for row in result.rows}
     assert rows["raw"]["delta_loss"] == 0 and 3.3 < rows["int8"]["compression"] < 4
+    assert rows["cgfed"]["compression"] > 5 * rows["int8"]["compression"]  # every client encoded with the AE
     assert abs(rows["int8"]["delta_loss"]) < 0.05  # int8 with error feedback is close to lossless here
     assert result.rows == summarize(result.records)
     assert (out / "table.md").read_text().strip() == format_table(result.rows)
     assert "| `raw`¹ |" in result.table() and "| `int8` + EF¹ |" in result.table()
+    assert f"| `cgfed:model={Path(result.config['codecs'][2]).name}` + EF¹ |" in result.table()  # the file, not its path
     assert "¹ some clients' replies failed" in result.table()
     summary = json.loads((out / "summary.json").read_text())
     assert FedTrainConfig().replace(**summary["config"]) == SMALL.replace(**result.config)

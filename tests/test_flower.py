@@ -242,6 +242,35 @@ def test_any_codec_carries_the_update_and_the_buffers(task_identity, spec):
     assert t.payload_bytes < t.uncompressed_bytes and t.codec == gradcodec.get_codec(spec).spec
 
 
+def test_learned_codec_is_asked_for_by_fingerprint_and_decoded_with_its_model(task_identity, tmp_path):
+    from gradcodec.learned.tgap import TrainConfig, train_autoencoder
+
+    from .test_learned_codec import ARCHS, LAYOUT, SHAPES, trained, update
+    from .test_learned_model import low_rank_set
+
+    ae = trained("block")
+    other = train_autoencoder(low_rank_set(40, LAYOUT, seed=1), ARCHS["block"], TrainConfig(steps=0))  # another AE
+    path = tmp_path / "ae.safetensors"
+    ae.save(path)
+    g = ArrayRecord({k: Array(np.full(shape, 0.5, np.float32)) for k, shape in SHAPES.items()})
+    delta = {k: v.numpy() for k, v in update().items()}
+
+    def train(received, node):
+        return {k: received[k] + delta[k] for k in received}
+
+    wrapper = CompressedStrategy(fedavg(1), uplink_codec=f"cgfed:model={path}")
+    # The client's own default is int8; it holds the server's AE among other models.
+    _, (reply,) = run_round(wrapper, g, make_app(train), gradcodec_mod("int8", models=[other, str(path)]), {1: new_context(1)})
+    assert wrapper.history[1].uplink[1].codec == gradcodec.get_codec("cgfed", model=ae).spec
+    sent = {k: torch.from_numpy(a - 0.5) for k, a in arrays_of(reply.content["arrays"]).items()}
+    expected = gradcodec.decode(gradcodec.encode({k: torch.from_numpy(v) for k, v in delta.items()}, "cgfed", model=ae), models=[ae])
+    assert all(torch.allclose(sent[k], expected[k], atol=1e-6) for k in SHAPES)  # first round: no residual yet
+    # A client without that model trains as usual and replies uncompressed; the round aggregates it.
+    (arrays, _), _ = run_round(wrapper, g, make_app(train), gradcodec_mod("int8", models=[other]), {2: new_context(2)}, 2)
+    assert wrapper.history[2].uplink[2].codec is None and not wrapper.history[2].dropped
+    assert np.array_equal(arrays["l0.q.lora_A"].numpy(), train(arrays_of(g), 2)["l0.q.lora_A"])
+
+
 def test_reply_record_with_another_name_is_relative_to_the_one_received(task_identity):
     g = model()
 

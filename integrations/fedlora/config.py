@@ -69,6 +69,8 @@ class FedTrainConfig:
     error_feedback: bool = _opt(True, "clients keep error-feedback residuals for lossy codecs")
     downlink_codec: str = _opt("", "also compress the global adapter sent to clients (e.g. bf16; empty: none)")
     cgfed_model: str = _opt("", "AutoEncoder file: adds cgfed:model=FILE to --compare default")
+    cgfed_ratio: str = _opt("1/64", "cgfed without a model file: the AE's latent / canvas ratio TGAP trains")
+    tgap_rounds: int = _opt(20, "cgfed without a model file: rounds of the TGAP pilot run that collects updates")
     # ---- running
     out_dir: str = _opt("runs/fedtrain", "where rounds.jsonl, summary.json, table.md and compare.png go")
     progress: bool = _opt(True, "progress bars (rounds on the server, local steps on the clients)")
@@ -84,7 +86,8 @@ class FedTrainConfig:
         problems = []
         if self.dtype not in ("float32", "bfloat16"):
             problems.append(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
-        for name in ("lora_rank", "rounds", "num_clients", "batch_size", "max_length", "train_examples", "eval_max_new_tokens"):
+        for name in ("lora_rank", "rounds", "num_clients", "batch_size", "max_length", "train_examples", "eval_max_new_tokens",
+                     "tgap_rounds"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.local_steps < 1 and not self.local_epochs > 0:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -116,6 +117,11 @@ def _signed(x: float, fmt: str, unit: str = "") -> str:
     return "–" if not math.isfinite(x) else format(x, "+" + fmt) + unit
 
 
+def codec_label(spec: str) -> str:
+    """`spec` as tables and plots show it: a learned codec's model file by its name, not its whole path."""
+    return re.sub(r"model=([^,|]*)", lambda m: f"model={Path(m.group(1)).name}", spec)
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The comparison as a Markdown table (Δ columns against the `raw` row; "–" without one).
 
@@ -135,7 +141,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         if row["uncompressed_replies"]:
             mark += "²"
         lines.append(
-            f"| `{row['codec'].replace('|', chr(92) + '|')}`{' + EF' if row['error_feedback'] else ''}{mark} | {_bytes(row['uplink_bytes_per_round'])} "
+            f"| `{codec_label(row['codec']).replace('|', chr(92) + '|')}`{' + EF' if row['error_feedback'] else ''}{mark} | {_bytes(row['uplink_bytes_per_round'])} "
             f"| {_bytes(row['uplink_payload_bytes_per_reply'])} | {row['compression']:.1f}× "
             f"| {row['eval_loss']:.3f} | {row['eval_accuracy']:.1%} | {_signed(row['delta_loss'], '.3f')} "
             f"| {_signed(100 * row['delta_accuracy'], '.1f', ' pt')} | {row['encode_ms_per_reply']:.1f} | {row['decode_ms_per_reply']:.1f} |"
@@ -160,11 +166,11 @@ def plot(records: Sequence[Record], path: str | os.PathLike, title: str = "") ->
     fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.2))
     for codec, recs in by_codec.items():
         recs = sorted(recs, key=lambda r: r["round"])
-        (line,) = by_round.plot([r["round"] for r in recs], [r["eval_loss"] for r in recs], marker="o", ms=3, label=codec)
+        (line,) = by_round.plot([r["round"] for r in recs], [r["eval_loss"] for r in recs], marker="o", ms=3, label=codec_label(codec))
         trained = [r for r in recs if r["round"] > 0]
         sent = [r["uplink_message_bytes"] or 0 for r in trained]
         cumulative = [sum(sent[: i + 1]) for i in range(len(sent))]
-        by_bytes.plot(cumulative, [r["eval_loss"] for r in trained], marker="o", ms=3, color=line.get_color(), label=codec)
+        by_bytes.plot(cumulative, [r["eval_loss"] for r in trained], marker="o", ms=3, color=line.get_color(), label=codec_label(codec))
     by_round.set(xlabel="round", ylabel="eval loss (held-out, per response token)", title="eval loss vs round")
     by_bytes.set(xlabel="cumulative uplink bytes (Flower messages, all clients)", xscale="log", title="eval loss vs uplink traffic")
     for ax in (by_round, by_bytes):

@@ -30,15 +30,60 @@ def learned_codec_needs_training(spec: str) -> bool:
     return first.split(":")[0].strip() == "cgfed" and "model=" not in first
 
 
-def train_learned_codec(spec: str, cfg: FedTrainConfig) -> str:
-    """TGAP seam: capture round updates of this configuration, train the cgfed AutoEncoder on them,
-    and return `spec` with `model=<file>` added, so the FAF run that follows uses it.
+def tgap_pilot(cfg: FedTrainConfig):
+    """The TGAP pilot of `cfg`: the same model, adapter initialisation and federated recipe, run for
+    `tgap_rounds` rounds on *other* data, clients and sampling (data_seed + 1, seed + 1), so the AE is
+    never trained on the updates of the run it then serves."""
+    from .capture import CaptureConfig
 
-    Not wired yet: it will call the capture (integrations/fedlora/capture.py) and AE training
-    (gradcodec.learned.tgap) APIs once they settle.
+    return CaptureConfig(
+        model=cfg.model, pretrained=cfg.pretrained, data=cfg.data or None, examples=cfg.train_examples,
+        rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, targets=cfg.targets, num_clients=cfg.num_clients,
+        clients_per_round=cfg.clients_per_round(), rounds=cfg.tgap_rounds, local_steps=cfg.local_steps, lr=cfg.lr,
+        batch_size=cfg.batch_size, max_length=cfg.max_length, dirichlet_alpha=cfg.dirichlet_alpha,
+        lora_seed=cfg.lora_seed, seed=cfg.seed + 1, data_seed=cfg.data_seed + 1, device=cfg.device, dtype=cfg.dtype,
+        keep_states=False,
+    )
+
+
+def train_learned_codec(spec: str, cfg: FedTrainConfig) -> str:
+    """TGAP for a cgfed spec without a model file: run the pilot (`tgap_pilot`), train the light (block)
+    AE at `cgfed_ratio` on its round updates, and return `spec` with `model=<file>` added.
+
+    The model file is cached (in `model.default_cache_dir()`, keyed by the pilot's configuration and the
+    ratio), so a repeated comparison trains nothing. Whether the pilot uses the pre-trained base, and
+    which, follows `cfg`; a changed base recipe needs GRADCODEC_CACHE cleared or pointed elsewhere.
     """
-    raise ValueError(f"{spec!r} needs an AutoEncoder file: pass cgfed:model=FILE (or --cgfed-model FILE); make one with "
-                     "`gradcodec capture ...` then `gradcodec train-ae ...` (automatic training is not wired in yet)")
+    import dataclasses
+    import hashlib
+    import json
+    from fractions import Fraction
+
+    from gradcodec.learned import AEConfig, CanvasLayout
+    from gradcodec.learned.tgap import train_autoencoder
+
+    from .capture import run_federated
+    from .model import default_cache_dir
+
+    try:
+        ratio = float(Fraction(cfg.cgfed_ratio))
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"cgfed_ratio must be a fraction such as 1/64, got {cfg.cgfed_ratio!r}") from None
+    pilot = tgap_pilot(cfg)
+    key = hashlib.sha256(json.dumps({"pilot": dataclasses.asdict(pilot), "ratio": ratio, "arch": "block"},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    path = default_cache_dir() / f"cgfed-block-{key}.safetensors"
+    if not path.exists():
+        print(f"TGAP for {spec}: a {pilot.rounds}-round pilot federation collects round updates (once; cached)",
+              flush=True)
+        updates = [r["update"] for r in run_federated(pilot, progress=cfg.progress)["records"]]
+        ae_config = AEConfig.block(CanvasLayout.of(updates[0]), ratio)
+        train_autoencoder(updates, ae_config).save(path)  # atomically: concurrent runs share the cache
+        print(f"TGAP: trained a 1/{round(1 / ratio)} block AE on {len(updates)} updates: {path}", flush=True)
+    first, _, rest = spec.partition("|")
+    name, _, params = first.partition(":")
+    first = f"{name}:{params},model={path}" if params else f"{name}:model={path}"
+    return first + (f"|{rest}" if rest else "")
 
 
 def prepare_codecs(cfg: FedTrainConfig) -> FedTrainConfig:
