@@ -92,6 +92,17 @@ def test_codec_lists_keep_commas_inside_specs_and_expand_default():
     assert resolve_config(_args("--compare")).codecs == DEFAULT_COMPARE
 
 
+def test_cgfed_model_names_the_file_of_every_cgfed_entry_without_one():
+    cfg = FedTrainConfig(codecs=("int8", "cgfed", "cgfed:bits=4|zstd", "cgfed:model=b.safetensors"), cgfed_model="a.safetensors")
+    assert cfg.codecs == ("int8", "cgfed:model=a.safetensors", "cgfed:bits=4,model=a.safetensors|zstd", "cgfed:model=b.safetensors")
+    assert FedTrainConfig.from_run_config(cfg.to_run_config()) == cfg
+
+
+def test_a_deployment_refuses_cgfed_without_a_model_file():
+    with pytest.raises(ValueError, match="name the AutoEncoder file"):
+        fl_app.serve(_Grid([]), SMALL.replace(codecs=("raw", "cgfed")))
+
+
 def test_the_flower_app_config_mirrors_the_defaults_and_round_trips():
     pyproject = tomllib.loads((APP_DIR / "pyproject.toml").read_text())
     assert pyproject["tool"]["flwr"]["app"]["config"] == FedTrainConfig().to_run_config()

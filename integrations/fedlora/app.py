@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from .. import peft
 from ..flower import CompressedStrategy, RoundStats, gradcodec_mod
-from .config import FedTrainConfig
+from .config import FedTrainConfig, learned_codec_needs_model
 from .report import FedTrainResult, RecordWriter, summarize, write_summary
 
 __all__ = ["LoraFedAvg", "load_model", "split_data", "client_features", "serve", "make_server_app",
@@ -382,6 +382,9 @@ def _run_codec(grid: Grid, cfg: FedTrainConfig, spec: str, partitions: dict[int,
 
 def serve(grid: Grid, cfg: FedTrainConfig) -> FedTrainResult:
     """The ServerApp's work: every codec of `cfg.codecs` in turn, then the table, summary and plot."""
+    if untrained := [spec for spec in cfg.codecs if learned_codec_needs_model(spec)]:
+        raise ValueError(f"{', '.join(untrained)}: name the AutoEncoder file (cgfed:model=FILE or cgfed-model=FILE, "
+                         "the same file on the server and every client); `gradcodec fedtrain` trains one by TGAP")
     t0 = time.perf_counter()
     evaluator = _Evaluator(cfg)
     partitions = discover_partitions(grid, cfg)

@@ -1,6 +1,6 @@
 """`gradcodec fedtrain`: federated LoRA fine-tuning on Flower with compressed uplinks, and codec comparisons.
 
-    gradcodec fedtrain --compare                       # raw, int8, int4, top-k 1% + EF, PowerSGD on the built-in task
+    gradcodec fedtrain --compare                       # raw, int8, int4, top-k 1%, PowerSGD, cgfed on the built-in task
     gradcodec fedtrain --compare "raw,int8,topk:ratio=0.01,k=0|int8" --rounds 20
     gradcodec fedtrain --codec int4 --config run.toml --out-dir runs/int4
     gradcodec fedtrain --model /models/llama-7b --bf16 --gradient-checkpointing --device cuda \\

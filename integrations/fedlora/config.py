@@ -17,14 +17,16 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-# The codecs `--compare default` runs (cgfed joins them when `cgfed_model` names an AutoEncoder file).
-# EF = error feedback, on by default for every lossy codec.
+# The codecs `--compare default` runs. EF = error feedback, on by default for every lossy codec. cgfed
+# without a model file is trained first by TGAP on a pilot federation (run.train_learned_codec), or
+# uses `cgfed_model`.
 DEFAULT_COMPARE = (
     "raw",
     "int8",
     "int4",
     "topk:ratio=0.01|fp16",
     "powersgd:rank=1|fp16",
+    "cgfed",
 )
 
 
@@ -68,7 +70,7 @@ class FedTrainConfig:
     codecs: tuple[str, ...] = _opt(("int8",), "uplink codec specs, run one after the other on the same data")
     error_feedback: bool = _opt(True, "clients keep error-feedback residuals for lossy codecs")
     downlink_codec: str = _opt("", "also compress the global adapter sent to clients (e.g. bf16; empty: none)")
-    cgfed_model: str = _opt("", "AutoEncoder file: adds cgfed:model=FILE to --compare default")
+    cgfed_model: str = _opt("", "AutoEncoder file for cgfed entries without model= (default: TGAP trains one)")
     cgfed_ratio: str = _opt("1/64", "cgfed without a model file: the AE's latent / canvas ratio TGAP trains")
     tgap_rounds: int = _opt(20, "cgfed without a model file: rounds of the TGAP pilot run that collects updates")
     # ---- running
@@ -82,6 +84,8 @@ class FedTrainConfig:
 
     def __post_init__(self) -> None:
         codecs = (self.codecs,) if isinstance(self.codecs, str) else tuple(self.codecs)
+        if self.cgfed_model:
+            codecs = tuple(with_model(c, self.cgfed_model) if learned_codec_needs_model(c) else c for c in codecs)
         object.__setattr__(self, "codecs", codecs)
         problems = []
         if self.dtype not in ("float32", "bfloat16"):
@@ -136,6 +140,20 @@ class FedTrainConfig:
         there, since Flower may add its own."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls().replace(**{k: v for k, v in dict(run_config).items() if _field_name(k) in known})
+
+
+def learned_codec_needs_model(spec: str) -> bool:
+    """Whether `spec` is the learned codec without an AutoEncoder file."""
+    first = spec.split("|")[0]
+    return first.split(":")[0].strip() == "cgfed" and "model=" not in first
+
+
+def with_model(spec: str, path: str | os.PathLike) -> str:
+    """`spec` with `model=path` added to its first (the cgfed) stage."""
+    first, _, rest = spec.partition("|")
+    name, _, params = first.partition(":")
+    first = f"{name}:{params},model={path}" if params else f"{name}:model={path}"
+    return first + (f"|{rest}" if rest else "")
 
 
 def _field_name(key: str) -> str:

@@ -20,14 +20,8 @@ import logging
 import os
 import time
 
-from .config import FedTrainConfig
+from .config import FedTrainConfig, learned_codec_needs_model, with_model
 from .report import FedTrainResult
-
-
-def learned_codec_needs_training(spec: str) -> bool:
-    """Whether `spec` is the learned codec without an AutoEncoder file."""
-    first = spec.split("|")[0]
-    return first.split(":")[0].strip() == "cgfed" and "model=" not in first
 
 
 def tgap_pilot(cfg: FedTrainConfig):
@@ -80,24 +74,18 @@ def train_learned_codec(spec: str, cfg: FedTrainConfig) -> str:
         ae_config = AEConfig.block(CanvasLayout.of(updates[0]), ratio)
         train_autoencoder(updates, ae_config).save(path)  # atomically: concurrent runs share the cache
         print(f"TGAP: trained a 1/{round(1 / ratio)} block AE on {len(updates)} updates: {path}", flush=True)
-    first, _, rest = spec.partition("|")
-    name, _, params = first.partition(":")
-    first = f"{name}:{params},model={path}" if params else f"{name}:model={path}"
-    return first + (f"|{rest}" if rest else "")
+    return with_model(spec, path)
 
 
 def prepare_codecs(cfg: FedTrainConfig) -> FedTrainConfig:
-    """The config with its codec list ready to run: `cgfed_model` added as a cgfed entry (unless one is
-    listed), cgfed entries without a model trained first (train_learned_codec)."""
-    specs = list(cfg.codecs)
-    if cfg.cgfed_model and not any(s.split("|")[0].split(":")[0].strip() == "cgfed" for s in specs):
-        specs.append(f"cgfed:model={cfg.cgfed_model}")
-    specs = [train_learned_codec(s, cfg) if learned_codec_needs_training(s) else s for s in specs]
+    """The config with its codec list ready to run: each cgfed entry without a model file (nor a
+    `cgfed_model`, which FedTrainConfig fills in) gets an AE trained by TGAP (`train_learned_codec`)."""
     import gradcodec
 
+    specs = tuple(train_learned_codec(spec, cfg) if learned_codec_needs_model(spec) else spec for spec in cfg.codecs)
     for spec in specs:
         gradcodec.get_codec(spec)  # a bad spec fails here, not in the middle of the run
-    return cfg.replace(codecs=tuple(specs))
+    return cfg.replace(codecs=specs)
 
 
 class _DropDeprecation(logging.Filter):
