@@ -274,6 +274,7 @@ def test_cgfed_without_a_model_is_trained_once_on_a_pilot_of_other_data(tmp_path
     assert head == "cgfed:bits=4" and model_file.endswith(".safetensors|zstd") and len(pilots) == 1
     model = gradcodec.get_codec(spec).model
     assert model.config.arch == "block" and model.config.ratio == 1 / 16
+    assert model.training["train"]["steps"] == 0  # the PCA start alone, as train-ae does for block AEs
     (pilot,) = pilots
     assert (pilot.rounds, pilot.lora_seed) == (3, cfg.lora_seed)  # the adapter the AE will serve ...
     assert (pilot.seed, pilot.data_seed) != (cfg.seed, cfg.data_seed)  # ... but not the run's own updates

@@ -54,7 +54,7 @@ def train_learned_codec(spec: str, cfg: FedTrainConfig) -> str:
     from fractions import Fraction
 
     from gradcodec.learned import AEConfig, CanvasLayout
-    from gradcodec.learned.tgap import train_autoencoder
+    from gradcodec.learned.tgap import TrainConfig, train_autoencoder
 
     from .capture import run_federated
     from .model import default_cache_dir
@@ -72,7 +72,8 @@ def train_learned_codec(spec: str, cfg: FedTrainConfig) -> str:
               flush=True)
         updates = [r["update"] for r in run_federated(pilot, progress=cfg.progress)["records"]]
         ae_config = AEConfig.block(CanvasLayout.of(updates[0]), ratio)
-        train_autoencoder(updates, ae_config).save(path)  # atomically: concurrent runs share the cache
+        # The block AE's per-tile PCA start is its fit: Adam on top overfits (docs/results.md), so no steps.
+        train_autoencoder(updates, ae_config, TrainConfig(steps=0)).save(path)  # atomic: runs share the cache
         print(f"TGAP: trained a 1/{round(1 / ratio)} block AE on {len(updates)} updates: {path}", flush=True)
     return with_model(spec, path)
 
@@ -80,12 +81,7 @@ def train_learned_codec(spec: str, cfg: FedTrainConfig) -> str:
 def prepare_codecs(cfg: FedTrainConfig) -> FedTrainConfig:
     """The config with its codec list ready to run: each cgfed entry without a model file (nor a
     `cgfed_model`, which FedTrainConfig fills in) gets an AE trained by TGAP (`train_learned_codec`)."""
-    import gradcodec
-
-    specs = tuple(train_learned_codec(spec, cfg) if learned_codec_needs_model(spec) else spec for spec in cfg.codecs)
-    for spec in specs:
-        gradcodec.get_codec(spec)  # a bad spec fails here, not in the middle of the run
-    return cfg.replace(codecs=specs)
+    return cfg.replace(codecs=tuple(train_learned_codec(s, cfg) if learned_codec_needs_model(s) else s for s in cfg.codecs))
 
 
 class _DropDeprecation(logging.Filter):
@@ -128,11 +124,15 @@ def simulate(cfg: FedTrainConfig, verbose: bool = False) -> FedTrainResult:
     """
     from flwr.simulation import run_simulation
 
+    import gradcodec
+
     from .app import load_model, make_client_app, make_server_app
 
     t0 = time.perf_counter()
-    cfg = prepare_codecs(cfg)
+    for spec in cfg.codecs:
+        gradcodec.get_codec(spec)  # a bad spec fails here, before any training
     load_model(cfg)  # pre-train or load the base here, once, before the virtual clients need it
+    cfg = prepare_codecs(cfg)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning
     results: list[FedTrainResult] = []
     with _flower_logging(verbose):
