@@ -9,7 +9,7 @@ Fine-tuning for Large Language Models", arXiv 2405.13746), made to work on round
 
 Encode the round *update* (the delta from the global adapter), not the LoRA state: the state is almost
 all shared history, and an AE of the state reconstructs nothing of one client's update (see
-docs/results-learned.md). Each factor is divided by its RMS, so the AE sees unit-scale inputs whatever
+docs/results.md). Each factor is divided by its RMS, so the AE sees unit-scale inputs whatever
 the layer or the A/B gauge; the scales travel (fp32, 4 bytes per factor).
 
 Payload: every float tensor is listed in the tensor table (names and shapes give the canvas layout);

@@ -1,4 +1,4 @@
-"""Held-out evaluation of codecs on captured round updates: the figures of docs/results-learned.md.
+"""Held-out evaluation of codecs on captured round updates: the figures of docs/results.md.
 
 Every codec is run as a client would run it: one codec object per client (so error feedback keeps one
 residual per client across the rounds it takes part in), records in upload order, each payload decoded

@@ -7,7 +7,7 @@ that means three things, each optional:
    enough. With `error_feedback=True` a client keeps what the AE missed and sends it in later rounds;
    this needs the decoder on the client too (to know what the server decodes) and pays off with the
    residual stage (`residual=R`): the AE's code is a fixed learned subspace, so what it misses once it
-   misses every time, and only the top-k residual stage can deliver it (docs/results-learned.md).
+   misses every time, and only the top-k residual stage can deliver it (docs/results.md).
 2. The server decodes and averages (`FAFServer.decode` / `aggregate`), refusing payloads of another AE.
 3. The server keeps adapting its *decoder* to the updates of this federation, on pairs it can verify:
    in calibration rounds a client also sends its encoded input through a classic codec with a bound
@@ -188,7 +188,7 @@ def _adam_refit(decoder, latents: torch.Tensor, canvases: torch.Tensor, steps: i
 def calibrated(model: LearnedModel, records: Sequence[Mapping], ridge: float = 10.0, steps: int = 200,
                lr: float = 1e-4) -> LearnedModel:
     """`model` with its decoder adapted on calibration uploads of capture `records` (each client sends
-    its update through cgfed and int8): the FAF experiment of docs/results-learned.md."""
+    its update through cgfed and int8): the FAF experiment of docs/results.md."""
     server, clients = FAFServer([model]), {}
     for rec in records:
         client = clients.setdefault(rec["client"], FAFClient(model))

@@ -5,7 +5,7 @@
 
 "Temporal ensemble": the snapshots span the whole trajectory (early and late rounds, all clients), so the
 AE sees every phase of training. The paper trains on the LoRA *state*; `representation="state"` does
-that, for comparison only: we train and encode the round *update* (docs/results-learned.md shows why).
+that, for comparison only: we train and encode the round *update* (docs/results.md shows why).
 
 Losses (on the normalised canvas, padding masked out): `mse` (the paper's), `nmse` (squared error over
 the sample's energy: every snapshot counts alike) and `cosine` (1 - cos, direction only). Training

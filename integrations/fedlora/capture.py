@@ -40,7 +40,7 @@ class CaptureConfig:
     which the server fixes once: a TGAP capture and the federated run its AE then serves share it.
     `seed` drives client sampling and local batches, `data_seed` the data and its non-IID split, so two
     captures with different data seeds see disjoint clients (the held-out trajectory of
-    docs/results-learned.md).
+    docs/results.md).
     """
 
     model: str = "tiny"

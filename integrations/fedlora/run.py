@@ -10,7 +10,7 @@ All codecs of a comparison run inside ONE simulation (one Ray start-up, ~15 s he
 ServerApp loops over them (app.serve). Before Ray starts, this process loads (the first time:
 pre-trains and caches) the base model, so the virtual clients only ever load it from the cache.
 
-For the deployment engine (SuperLink + SuperNodes on several machines) see docs/results-fedlora.md and
+For the deployment engine (SuperLink + SuperNodes on several machines) see docs/fedtrain.md and
 tests/test_fedlora_deployment.py: the same app runs there with `flwr run`.
 """
 from __future__ import annotations
