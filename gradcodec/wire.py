@@ -175,7 +175,7 @@ def pack(msg: Message, compress=None) -> bytes:
     """Serialise `msg`.
 
     `compress(buffers, total)`, if given, turns the payload region (the concatenation of `buffers`,
-    `total` bytes) into one zstd frame.
+    `total` bytes) into one zstd frame, returned as pieces to be concatenated.
     """
     _require_little_endian()
     spec = msg.codec.encode("utf-8")
@@ -218,7 +218,7 @@ def pack(msg: Message, compress=None) -> bytes:
     head += b"\0" * _pad(PRELUDE.size + len(head))
     flags = FLAG_SINGLE if msg.single else 0
     if compress is not None:
-        stored = [memoryview(compress(chunks, raw_len))]
+        stored = [memoryview(piece) for piece in compress(chunks, raw_len)]
         flags |= FLAG_ZSTD
     else:
         stored = chunks

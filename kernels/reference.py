@@ -26,7 +26,8 @@ QMAX = {8: 127, 4: 7}
 # Blocks whose absmax is below TINY are scaled as if it were TINY: the scale stays a normal float and
 # the error bound |x - x_hat| <= scale / 2 holds for every block, including all-zero ones.
 TINY = 2.0**-100
-CHUNK_BLOCKS = 4096  # blocks per chunk: a few hundred KiB of fp32, which stays in L2 cache
+# elements per chunk, in whole blocks: 1 MiB of fp32, which stays in L2 cache whatever the block size
+CHUNK_ELEMENTS = 1 << 18
 
 _MASK32 = 0xFFFFFFFF
 
@@ -63,7 +64,7 @@ def uniform_hash(seed: int, offsets: torch.Tensor) -> torch.Tensor:
 
 
 def _chunks(n: int, block: int):
-    step = block * CHUNK_BLOCKS
+    step = max(block, CHUNK_ELEMENTS // block * block)
     for start in range(0, n, step):
         yield start, min(start + step, n)
 

@@ -1,10 +1,15 @@
 """The public API: round trips of names, shapes and dtypes, input policy, inspect, specs."""
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import gradcodec
 from gradcodec import registry
+from gradcodec.codecs.base import all_finite
 from gradcodec.errors import CorruptPayload, InvalidInput, UnknownCodec
+
+from .strategies import FAST, tensors
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (2, 0, 4), (2, 3, 4)]
@@ -57,6 +62,18 @@ def test_lossless_zstd_pipeline_is_bit_exact():
     assert torch.equal(gradcodec.decode(gradcodec.encode(x, "zstd")), x)
 
 
+def test_zstd_frame_of_a_payload_fed_in_several_slices_is_the_one_shot_frame():
+    import zstandard
+
+    from gradcodec.codecs.lossless import STEP
+
+    x = torch.randint(-3, 4, (STEP + 3 * STEP // 4 + 5,), dtype=torch.int8)  # two sections, three slices
+    blob = gradcodec.encode({"a": x, "b": x[:1000]}, "raw|zstd")
+    assert torch.equal(gradcodec.decode(blob)["a"], x)
+    region = x.numpy().tobytes() + x[:1000].numpy().tobytes()
+    assert zstandard.ZstdCompressor(level=3, write_content_size=True).compress(region) in blob
+
+
 @pytest.mark.parametrize("spec", per_tensor_specs())
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_nonfinite_input_is_refused_by_default(spec, bad):
@@ -64,6 +81,14 @@ def test_nonfinite_input_is_refused_by_default(spec, bad):
     x[137] = bad
     with pytest.raises(InvalidInput, match="NaN or Inf"):
         gradcodec.encode({"w": x}, spec)
+
+
+@FAST
+@given(x=tensors(), where=st.floats(0, 1), bad=st.sampled_from([None, float("nan"), float("inf"), float("-inf")]))
+def test_finiteness_check_agrees_with_isfinite_wherever_the_bad_value_sits(x, where, bad):
+    if bad is not None and x.numel():
+        x.view(-1)[int(where * (x.numel() - 1))] = bad  # x may be non-contiguous: view() keeps it a view
+    assert all_finite(x) == bool(torch.isfinite(x).all())
 
 
 def test_allow_nonfinite_passes_nan_through_lossless_codecs():

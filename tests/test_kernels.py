@@ -169,6 +169,30 @@ def test_quantize_special_values(bits, block, dtype):
         check_quantize(x[3:], bits, block, seed)  # the same values across block boundaries
 
 
+@pytest.mark.parametrize("block", BLOCKS)
+def test_reference_results_do_not_depend_on_the_chunk_size(monkeypatch, block):
+    """The reference works chunk by chunk (whole blocks) for cache locality; the chunk size is invisible."""
+    n = 5 * block + 3
+    x = gradient_like(n, torch.float32)
+    residual = gradient_like(n, torch.float32, seed=1) * 0.01
+
+    def outputs():
+        out = []
+        for bits in [8, 4]:
+            for seed in SEEDS:
+                codes, scales = reference.quantize_blockwise(x, bits, block, seed)
+                res = residual.clone()
+                out += [codes, scales, *reference.quantize_blockwise_feedback(x, res, bits, block, seed), res]
+                out.append(reference.dequantize_blockwise(codes, scales, bits, block, n))
+        bits, scales = reference.sign_quantize(x, block)
+        return out + [bits, scales, reference.sign_dequantize(bits, scales, block, n)]
+
+    whole = outputs()  # n < CHUNK_ELEMENTS for every block here: one chunk
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 2 * block)  # chunks of two blocks, the last one partial
+    for i, (chunked, expected) in enumerate(zip(outputs(), whole)):
+        assert_bits_equal(chunked, expected, f"output {i}")
+
+
 @needs_kernel_device
 @pytest.mark.parametrize("bits", [8, 4])
 def test_stochastic_rounding_seeds(bits):
@@ -443,7 +467,8 @@ def test_cuda_more_than_2_to_31_elements(monkeypatch, bits):
     for seed in [None, 9]:
         codes, scales = kernels.quantize_blockwise(x, bits, block, seed)
         q, ref_scales = reference._quantize_chunk(tail.float(), bits, block, seed, start)
-        ref_codes = reference._store_codes(q, bits, tail.numel())
+        ref_codes = torch.empty(tail.numel() if bits == 8 else (tail.numel() + 1) // 2, dtype=codes.dtype)
+        reference._store_codes(q, bits, ref_codes, 0, tail.numel())
         assert_bits_equal(scales[start // block:], ref_scales, f"scales past 2**31, seed={seed}")
         assert_bits_equal(codes[code_start:], ref_codes, f"codes past 2**31, seed={seed}")
     del x

@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="compression ratio, error and speed per codec")
     b.add_argument("--codecs", default="default", help="specs and/or sets (default, sweep), separated by ';' or ','")
     b.add_argument("--workload", default="gaussian", help="gaussian, heavy, lowrank, lora7b, file:PATH (comma-separated)")
-    b.add_argument("--size", default="16M", help="elements of a synthetic workload, e.g. 64K, 16M")
+    b.add_argument("--size", default="16M",
+                   help="elements of a synthetic workload, e.g. 16M, or a comma-separated list: 64K,1M,16M,64M")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
@@ -33,14 +34,17 @@ def run(args: argparse.Namespace) -> int:
         print("--device cuda: no CUDA device is available here", file=sys.stderr)
         return 2
     specs = runner.expand_codecs(args.codecs)
+    sizes = workloads.parse_sizes(args.size)
     rows = []
     for name in (w.strip() for w in args.workload.split(",")):
-        x = workloads.make_workload(name, workloads.parse_size(args.size), seed=args.seed, device=args.device)
-        copy = runner.copy_timing(x, args.repeats)
-        for spec in specs:
-            rows.append(runner.bench_codec(spec, x, name, args.repeats, copy, seed=args.seed))
-            if args.verbose:
-                print(report.table(rows[-1:]), flush=True)
+        # lora7b and files have their own size: measured once, whatever the size list
+        for size in sizes if name in workloads.SIZED else sizes[:1]:
+            x = workloads.make_workload(name, size, seed=args.seed, device=args.device)
+            copy = runner.copy_timing(x, args.repeats)  # each (workload, size) gets its own yardstick
+            for spec in specs:
+                rows.append(runner.bench_codec(spec, x, name, args.repeats, copy, seed=args.seed))
+                if args.verbose:
+                    print(report.table(rows[-1:]), flush=True)
     command = "gradcodec " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     print(f"# {command}\n# {report.machine()}\n")
     print(report.table(rows))

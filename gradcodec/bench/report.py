@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from .runner import Row
 
 COLUMNS = [
-    ("codec", "{:<34}", lambda r: r.codec[:34]),
+    ("codec", "{:<34}", lambda r: r.spec[:34]),
     ("ratio", "{:>8}", lambda r: f"{r.ratio:.1f}x"),
     ("bits/el", "{:>8}", lambda r: f"{r.bits_per_element:.3f}"),
     ("rel_l2", "{:>8}", lambda r: f"{r.rel_l2:.4f}"),
@@ -29,20 +30,26 @@ COLUMNS = [
 
 
 def machine() -> str:
-    """One line naming the machine the figures come from."""
+    """One line naming the machine the figures come from, and how busy it was (1-minute load average)."""
     cpu = platform.processor() or platform.machine()
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{platform.system()} {cpu}, {torch.get_num_threads()} torch threads{gpu}, torch {torch.__version__}"
+    load = f", load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs" if hasattr(os, "getloadavg") else ""
+    return f"{platform.system()} {cpu}, {torch.get_num_threads()} torch threads{gpu}, torch {torch.__version__}{load}"
+
+
+def groups(rows: list[Row]) -> list[list[Row]]:
+    """Rows split by (workload, size), in the order measured: each group shares one copy timing."""
+    keys = dict.fromkeys((r.workload, r.elements) for r in rows)
+    return [[r for r in rows if (r.workload, r.elements) == key] for key in keys]
 
 
 def table(rows: list[Row]) -> str:
     lines = []
-    for workload in dict.fromkeys(r.workload for r in rows):
-        group = [r for r in rows if r.workload == workload]
+    for group in groups(rows):
         first = group[0]
         copy_gbps = first.input_bytes / first.copy.median / 1e9
         lines.append(
-            f"workload {workload}: {first.elements:,} elements, {first.input_bytes / 2**20:.1f} MiB;"
+            f"workload {first.workload}: {first.elements:,} elements, {first.input_bytes / 2**20:.1f} MiB;"
             f" copy (clone) {copy_gbps:.2f} GB/s ±{100 * first.copy.spread:.0f}%"
         )
         lines.append(" ".join(fmt.format(name) for name, fmt, _ in COLUMNS))
@@ -57,9 +64,16 @@ def write_json(rows: list[Row], path: Path, command: str) -> None:
 
 
 def family(spec: str) -> str:
-    """The codec family a spec belongs to, for grouping points into curves."""
-    first = spec.split("|")[0].split(":")[0]
-    return {"int8": "blockwise int", "int4": "blockwise int"}.get(first, first)
+    """The codec family a spec belongs to, for grouping points into curves.
+
+    Stochastic rounding and a zstd stage make families of their own: on one curve they would zigzag
+    between points of the same rate.
+    """
+    stages = [stage.split(":")[0] for stage in spec.split("|")]
+    name = {"int8": "blockwise int", "int4": "blockwise int"}.get(stages[0], stages[0])
+    if "stochastic=true" in spec:
+        name += " stochastic"
+    return name + " + zstd" if stages[-1] == "zstd" and len(stages) > 1 else name
 
 
 def plot(rows: list[Row], path: Path) -> None:
@@ -69,18 +83,18 @@ def plot(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workloads = list(dict.fromkeys(r.workload for r in rows))
-    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.5), squeeze=False)
-    for ax, workload in zip(axes[0], workloads):
-        group = [r for r in rows if r.workload == workload and r.rel_l2 > 0]
-        for fam in dict.fromkeys(family(r.codec) for r in group):
-            pts = sorted((r.bits_per_element, r.rel_l2) for r in group if family(r.codec) == fam)
+    panels = groups(rows)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        group = [r for r in panel if r.rel_l2 > 0]
+        for fam in dict.fromkeys(family(r.spec) for r in group):
+            pts = sorted((r.bits_per_element, r.rel_l2) for r in group if family(r.spec) == fam)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=fam)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("bits per element")
         ax.set_ylabel("relative L2 error")
-        ax.set_title(workload)
+        ax.set_title(f"{panel[0].workload}, {panel[0].elements:,} elements")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -34,7 +34,8 @@ class Timing:
 
 @dataclass
 class Row:
-    codec: str
+    codec: str  # the canonical spec, as the payload records it
+    spec: str  # the spec as requested; it tells apart settings that only change encoding (stochastic=true)
     workload: str
     elements: int
     payload_bytes: int
@@ -147,6 +148,7 @@ def bench_codec(spec: str, x: Tensors, workload: str, repeats: int, copy: Timing
     peak = peak_extra_bytes(lambda: api.get_codec(spec, seed=seed).encode(x), device)
     return Row(
         codec=codec.spec,
+        spec=spec,
         workload=workload,
         elements=n,
         payload_bytes=len(blob),

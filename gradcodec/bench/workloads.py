@@ -20,6 +20,7 @@ from .. import capture
 from ..codec import Tensors
 
 SYNTHETIC = ("gaussian", "heavy", "lowrank", "lora7b")
+SIZED = ("gaussian", "heavy", "lowrank")  # the workloads that --size applies to
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)\s*$", re.IGNORECASE)
 
 
@@ -29,6 +30,11 @@ def parse_size(text: str) -> int:
     if not m:
         raise ValueError(f"size {text!r} is not a number with an optional K/M/G suffix")
     return int(float(m.group(1)) * 1024 ** " KMG".index(m.group(2).upper() or " "))
+
+
+def parse_sizes(text: str) -> list[int]:
+    """'64K,1M,16M' -> [65536, 1048576, 16777216]: a comma-separated list of parse_size items."""
+    return [parse_size(item) for item in text.split(",")]
 
 
 def _matrix_shape(n: int) -> tuple[int, int]:

@@ -13,6 +13,8 @@ from ..errors import CorruptPayload
 from ..registry import register
 from .base import require
 
+STEP = 1 << 20  # bytes of input per compress call
+
 
 @register("zstd")
 class Zstd:
@@ -29,10 +31,20 @@ class Zstd:
     def wire_params(self) -> dict:
         return {}  # the level only matters when compressing
 
-    def compress(self, buffers: Sequence[bytes | memoryview], total: int) -> bytes:
-        """One zstd frame of the concatenated `buffers` (`total` bytes), without joining them first."""
+    def compress(self, buffers: Sequence[bytes | memoryview], total: int) -> list[bytes]:
+        """One zstd frame of the concatenated `buffers` (`total` bytes), as pieces to be concatenated.
+
+        The input goes in slices of STEP bytes and the pieces are left unjoined: the caller copies
+        them once into the payload, so the frame is never held twice (compressing a whole section
+        in one call, or joining the pieces, would hold a second copy).
+        """
         stream = self._compressor.compressobj(size=total)
-        return b"".join([*(stream.compress(b) for b in buffers), stream.flush()])
+        pieces = []
+        for b in buffers:
+            view = memoryview(b)
+            pieces += [stream.compress(view[start : start + STEP]) for start in range(0, len(view), STEP)]
+        pieces.append(stream.flush())
+        return pieces
 
 
 def zstd_decompress(data: bytes | memoryview, size: int) -> bytes:
