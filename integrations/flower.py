@@ -43,7 +43,9 @@ A gradcodec record is an ArrayRecord, under the name of the record it stands for
 
 Next to it, the ConfigRecord ``"__gradcodec__.<record name>"`` says how to rebuild it: ``"keys"``, the
 record's keys in order, and, on the uplink, ``"ref"``, the name of the record the update is relative
-to. Each key is taken from the payload, else from the Arrays sent as they are, else from the reference
+to. An uplink record whose keys are its reference's, in the same order (the usual reply: the model
+the server sent, trained), omits ``"keys"``: the names would otherwise travel twice, once here and once
+in the payload, which for a small compressed adapter is most of the message. Each key is taken from the payload, else from the Arrays sent as they are, else from the reference
 (the app returned it bitwise unchanged, so it is not sent); reference keys missing from ``"keys"`` were
 dropped by the app. In a payload with a ``"ref"``, float tensors are updates (added to the reference)
 and integer and bool tensors are values (gradcodec sends them raw under any codec); without one (the
@@ -258,7 +260,7 @@ def _rebuild(
     of a round. models: learned models to decode with. Raises CorruptPayload (or another
     GradcodecError) for anything malformed.
     """
-    keys = meta.get("keys") if isinstance(meta, ConfigRecord) else None
+    keys = meta.get("keys", list(ref) if ref is not None else None) if isinstance(meta, ConfigRecord) else None
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
         raise CorruptPayload("gradcodec record: its ConfigRecord has no valid 'keys' list")
     blob = record[RECORD_KEY].data
@@ -481,7 +483,9 @@ def _compress_reply(
         # Bit-exact rebuilding is only possible (and checked) against a reference the server holds as is.
         tensors, as_is = _split(rec, received[ref_name], codec, lossless and ref_name in exact)
         new[name] = _make_record(codec.encode(tensors), as_is)
-        metas[META_PREFIX + name] = ConfigRecord({"ref": ref_name, "keys": list(rec.keys())})
+        keys = list(rec.keys())
+        same = keys == list(received[ref_name])  # then the server knows them: see "Gradcodec records"
+        metas[META_PREFIX + name] = ConfigRecord({"ref": ref_name} if same else {"ref": ref_name, "keys": keys})
         payload += _array_nbytes(new[name])
         uncompressed += _array_nbytes(rec)
         states[state_key] = codec.state_dict()
