@@ -44,8 +44,8 @@ def train_learned_codec(spec: str, cfg: FedTrainConfig) -> str:
     """TGAP for a cgfed spec without a model file: run the pilot (`tgap_pilot`), train the light (block)
     AE at `cgfed_ratio` on its round updates, and return `spec` with `model=<file>` added.
 
-    The model file is cached (in `model.default_cache_dir()`, keyed by the pilot's configuration and the
-    ratio), so a repeated comparison trains nothing. Whether the pilot uses the pre-trained base, and
+    The model file is cached (in `model.default_cache_dir()`, keyed by the pilot's configuration, the
+    ratio and the training recipe), so a repeated comparison trains nothing. Whether the pilot uses the pre-trained base, and
     which, follows `cfg`; a changed base recipe needs GRADCODEC_CACHE cleared or pointed elsewhere.
     """
     import dataclasses
@@ -64,16 +64,17 @@ def train_learned_codec(spec: str, cfg: FedTrainConfig) -> str:
     except (ValueError, ZeroDivisionError):
         raise ValueError(f"cgfed_ratio must be a fraction such as 1/64, got {cfg.cgfed_ratio!r}") from None
     pilot = tgap_pilot(cfg)
-    key = hashlib.sha256(json.dumps({"pilot": dataclasses.asdict(pilot), "ratio": ratio, "arch": "block"},
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    # The block AE's per-tile PCA start is its fit: Adam on top overfits (docs/results.md), so no steps.
+    training = TrainConfig(steps=0)
+    key = hashlib.sha256(json.dumps({"pilot": dataclasses.asdict(pilot), "ratio": ratio, "arch": "block",
+                                     "train": dataclasses.asdict(training)}, sort_keys=True).encode()).hexdigest()[:16]
     path = default_cache_dir() / f"cgfed-block-{key}.safetensors"
     if not path.exists():
         print(f"TGAP for {spec}: a {pilot.rounds}-round pilot federation collects round updates (once; cached)",
               flush=True)
         updates = [r["update"] for r in run_federated(pilot, progress=cfg.progress)["records"]]
         ae_config = AEConfig.block(CanvasLayout.of(updates[0]), ratio)
-        # The block AE's per-tile PCA start is its fit: Adam on top overfits (docs/results.md), so no steps.
-        train_autoencoder(updates, ae_config, TrainConfig(steps=0)).save(path)  # atomic: runs share the cache
+        train_autoencoder(updates, ae_config, training).save(path)  # atomic: concurrent runs share the cache
         print(f"TGAP: trained a 1/{round(1 / ratio)} block AE on {len(updates)} updates: {path}", flush=True)
     return with_model(spec, path)
 
