@@ -96,6 +96,8 @@ def test_cgfed_model_names_the_file_of_every_cgfed_entry_without_one():
     cfg = FedTrainConfig(codecs=("int8", "cgfed", "cgfed:bits=4|zstd", "cgfed:model=b.safetensors"), cgfed_model="a.safetensors")
     assert cfg.codecs == ("int8", "cgfed:model=a.safetensors", "cgfed:bits=4,model=a.safetensors|zstd", "cgfed:model=b.safetensors")
     assert FedTrainConfig.from_run_config(cfg.to_run_config()) == cfg
+    with pytest.raises(ValueError, match="cannot contain"):
+        FedTrainConfig(codecs=("cgfed",), cgfed_model="runs/a,b.safetensors")
 
 
 def test_a_deployment_refuses_cgfed_without_a_model_file():

@@ -150,6 +150,9 @@ def learned_codec_needs_model(spec: str) -> bool:
 
 def with_model(spec: str, path: str | os.PathLike) -> str:
     """`spec` with `model=path` added to its first (the cgfed) stage."""
+    if any(c in os.fspath(path) for c in ",|"):
+        raise ValueError(f"model file {os.fspath(path)!r}: a path in a codec spec cannot contain ',' or '|'; move the "
+                         "file (or set GRADCODEC_CACHE to a folder without them)")
     first, _, rest = spec.partition("|")
     name, _, params = first.partition(":")
     first = f"{name}:{params},model={path}" if params else f"{name}:model={path}"

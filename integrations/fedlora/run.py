@@ -45,8 +45,9 @@ def train_learned_codec(spec: str, cfg: FedTrainConfig) -> str:
     AE at `cgfed_ratio` on its round updates, and return `spec` with `model=<file>` added.
 
     The model file is cached (in `model.default_cache_dir()`, keyed by the pilot's configuration, the
-    ratio and the training recipe), so a repeated comparison trains nothing. Whether the pilot uses the pre-trained base, and
-    which, follows `cfg`; a changed base recipe needs GRADCODEC_CACHE cleared or pointed elsewhere.
+    ratio and the training recipe), so a repeated comparison trains nothing. Whether the pilot uses the
+    pre-trained base, and which, follows `cfg`; a changed base recipe needs GRADCODEC_CACHE cleared or
+    pointed elsewhere.
     """
     import dataclasses
     import hashlib
