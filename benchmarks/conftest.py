@@ -30,6 +30,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def split_into(flat: torch.Tensor, outs: list[torch.Tensor]) -> None:
+    """Copy `flat` into `outs` in order: the copy baseline of ops that write a list of tensors."""
+    for out, part in zip(outs, torch.split(flat, [o.numel() for o in outs])):
+        out.view(-1).copy_(part)
+
+
 def measure(benchmark, fn, *, op: str, label: str, device: str, input_bytes: int, rounds: int = 5):
     """Time fn under `op [device]`, labelled `label` ('copy' is the group's baseline)."""
     benchmark.group = f"{op} [{device}]"

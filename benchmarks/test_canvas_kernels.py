@@ -14,7 +14,7 @@ from gradcodec.integrations.fedlora.model import lora_shapes
 from gradcodec.kernels import reference
 from gradcodec.learned.canvas import CanvasLayout
 
-from .conftest import measure
+from .conftest import measure, split_into
 
 ADAPTERS = {"tiny-r8": ("tiny", 8), "llama7b-r8": ("llama-7b", 8)}
 LABELS = ["copy", "reference", "dispatched"]
@@ -26,11 +26,6 @@ def adapter(name: str, device: str):
     g = torch.Generator().manual_seed(0)
     xs = [(torch.randn(s, generator=g) * 1e-3).to(device) for s in shapes.values()]
     return CanvasLayout.for_shapes(shapes), xs
-
-
-def split_into(flat: torch.Tensor, outs: list[torch.Tensor]) -> None:
-    for out, part in zip(outs, torch.split(flat, [o.numel() for o in outs])):
-        out.view(-1).copy_(part)
 
 
 @pytest.mark.parametrize("label", LABELS)
