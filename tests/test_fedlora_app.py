@@ -22,8 +22,6 @@ pytest.importorskip("flwr")
 pytest.importorskip("peft")
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.common.serde import message_from_proto, message_to_proto  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 import gradcodec  # noqa: E402
 from gradcodec.cli import build_parser  # noqa: E402
@@ -33,6 +31,8 @@ from gradcodec.integrations.fedlora.cli import resolve_config, to_toml  # noqa: 
 from gradcodec.integrations.fedlora.config import DEFAULT_COMPARE, FedTrainConfig, load_config_file, parse_codec_list  # noqa: E402
 from gradcodec.integrations.fedlora.report import format_table, read_records, summarize  # noqa: E402
 from gradcodec.integrations.flower import CompressedStrategy  # noqa: E402
+
+from .test_flower import FakeGrid, task_identity, wire  # noqa: E402,F401 (task_identity: a fixture)
 
 APP_DIR = Path(fl_app.__file__).parent
 
@@ -102,7 +102,7 @@ def test_cgfed_model_names_the_file_of_every_cgfed_entry_without_one():
 
 def test_a_deployment_refuses_cgfed_without_a_model_file():
     with pytest.raises(ValueError, match="name the AutoEncoder file"):
-        fl_app.serve(_Grid([]), SMALL.replace(codecs=("raw", "cgfed")))
+        fl_app.serve(FakeGrid([]), SMALL.replace(codecs=("raw", "cgfed")))
 
 
 def test_the_flower_app_config_mirrors_the_defaults_and_round_trips():
@@ -127,14 +127,6 @@ def _state(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {"l0.q.lora_A.weight": torch.randn(4, 16, generator=g), "l0.q.lora_B.weight": torch.randn(16, 4, generator=g),
             "l1.v.lora_A.weight": torch.randn(4, 16, generator=g), "l1.v.lora_B.weight": torch.randn(8, 4, generator=g)}
-
-
-@pytest.fixture
-def task_identity(monkeypatch):
-    """Message() needs the process's task identity, which a ServerApp/ClientApp process has."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
 
 
 def _reply(state, examples, partition, node):
@@ -173,18 +165,6 @@ def test_sampling_is_seeded_per_round_and_independent_of_node_ids():
 # ====================================================================== one round through the app, by hand
 
 
-class _Grid:
-    def __init__(self, nodes):
-        self.nodes = list(nodes)
-
-    def get_node_ids(self):
-        return self.nodes
-
-
-def _wire(msg: Message) -> Message:
-    return message_from_proto(message_to_proto(msg))
-
-
 def _contexts(n: int) -> dict[int, Context]:
     return {100 + p: Context(run_id=1, node_id=100 + p, node_config={"partition-id": p, "num-partitions": n},
                              state=RecordDict(), run_config={}) for p in range(n)}
@@ -199,17 +179,17 @@ def _round(cfg, uplink, contexts, fail=()):
     client = fl_app.make_client_app(cfg)
     initial = fl_app._to_record(fl_app.load_model(cfg)[2])
     replies, produced = [], {}
-    for msg in strategy.configure_train(1, initial, ConfigRecord(), _Grid(contexts)):
+    for msg in strategy.configure_train(1, initial, ConfigRecord(), FakeGrid(contexts)):
         msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-        msg = _wire(msg)
+        msg = wire(msg)
         ctx = contexts[msg.metadata.dst_node_id]
         partition = ctx.node_config["partition-id"]
         if partition in fail:
-            replies.append(_wire(Message(Error(code=2, reason="client crashed"), reply_to=msg)))
+            replies.append(wire(Message(Error(code=2, reason="client crashed"), reply_to=msg)))
             continue
-        plain = fl_app.client_train(_wire(msg), ctx, cfg)  # what the app sends without the mod
+        plain = fl_app.client_train(wire(msg), ctx, cfg)  # what the app sends without the mod
         produced[partition] = (fl_app._to_state(plain.content["arrays"]), plain.content["metrics"]["num-examples"])
-        replies.append(_wire(client(message=msg, context=ctx)))
+        replies.append(wire(client(message=msg, context=ctx)))
     arrays, _ = strategy.aggregate_train(1, replies)
     return fl_app._to_state(arrays), strategy, produced
 
