@@ -45,8 +45,9 @@ Next to it, the ConfigRecord ``"__gradcodec__.<record name>"`` says how to rebui
 record's keys in order, and, on the uplink, ``"ref"``, the name of the record the update is relative
 to. An uplink record whose keys are its reference's, in the same order (the usual reply: the model
 the server sent, trained), omits ``"keys"``: the names would otherwise travel twice, once here and once
-in the payload, which for a small compressed adapter is most of the message. Each key is taken from the payload, else from the Arrays sent as they are, else from the reference
-(the app returned it bitwise unchanged, so it is not sent); reference keys missing from ``"keys"`` were
+in the payload, which for a small compressed adapter is most of the message. Each key is taken from
+the payload, else from the Arrays sent as they are, else from the reference (the app returned it
+bitwise unchanged, so it is not sent); reference keys missing from ``"keys"`` were
 dropped by the app. In a payload with a ``"ref"``, float tensors are updates (added to the reference)
 and integer and bool tensors are values (gradcodec sends them raw under any codec); without one (the
 downlink) every tensor is a value. The uplink sends as they are, exactly whatever the codec, the float
@@ -251,7 +252,7 @@ def _rebuild(
     meta: Any,
     ref: Mapping[str, Array] | None = None,
     cache: dict[int, torch.Tensor] | None = None,
-    models: Sequence[Any] = (),
+    models: Sequence[LearnedModel] = (),
 ) -> tuple[ArrayRecord, str]:
     """The ArrayRecord a gradcodec record stands for, and the codec spec of its payload.
 
