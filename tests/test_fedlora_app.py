@@ -24,6 +24,7 @@ pytest.importorskip("peft")
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
 
 import gradcodec  # noqa: E402
+from gradcodec.errors import InvalidInput  # noqa: E402
 from gradcodec.cli import build_parser  # noqa: E402
 from gradcodec.integrations import peft  # noqa: E402
 from gradcodec.integrations.fedlora import app as fl_app  # noqa: E402
@@ -262,8 +263,13 @@ def test_cgfed_without_a_model_is_trained_once_on_a_pilot_of_other_data(tmp_path
     assert (pilot.seed, pilot.data_seed) != (cfg.seed, cfg.data_seed)  # ... but not the run's own updates
     assert run.train_learned_codec("cgfed:bits=4|zstd", cfg) == spec and len(pilots) == 1  # cached
     assert run.train_learned_codec("cgfed", cfg.replace(cgfed_ratio="1/64")) != spec.split("|")[0]
-    with pytest.raises(ValueError, match="fraction such as 1/64"):
-        run.train_learned_codec("cgfed", cfg.replace(cgfed_ratio="a lot"))
+    ran = len(pilots)
+    for bad in ("a lot", "2", "0"):
+        with pytest.raises(ValueError, match="fraction in"):
+            run.train_learned_codec("cgfed", cfg.replace(cgfed_ratio=bad))
+    with pytest.raises(InvalidInput, match="whole number of latents"):  # before any pilot runs
+        run.train_learned_codec("cgfed", cfg.replace(cgfed_ratio="1/3"))
+    assert len(pilots) == ran  # no pilot ran for a bad ratio
 
 
 # ====================================================================== Flower's simulation engine
