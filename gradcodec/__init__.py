@@ -10,6 +10,7 @@ from .api import PayloadInfo, TensorInfo, decode, encode, get_codec, inspect, li
 from .codec import Codec
 from .feedback import ErrorFeedback
 from .wire import CODE_OF_DTYPE as _WIRE_DTYPES
+from .wire import Layout
 
 #: dtypes a payload can carry (floats through every codec; integers and bool always raw)
 SUPPORTED_DTYPES = frozenset(_WIRE_DTYPES)
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Codec",
     "ErrorFeedback",
+    "Layout",
     "PayloadInfo",
     "SUPPORTED_DTYPES",
     "TensorInfo",

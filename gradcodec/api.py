@@ -8,9 +8,10 @@ from typing import Any, Sequence
 import torch
 
 from . import registry, wire
-from .codec import Codec, PipelineCodec, Tensors, unpack
+from .codec import Codec, PipelineCodec, Tensors, as_layout, unpack
 from .errors import CorruptPayload, GradcodecError, InvalidInput
 from .feedback import ErrorFeedback
+from .wire import Layout
 
 
 def get_codec(
@@ -35,9 +36,14 @@ def get_codec(
     return ErrorFeedback(codec) if error_feedback else codec
 
 
-def encode(x: Tensors, codec: str = "int8", **params: Any) -> bytes:
-    """Encode a tensor or a dict of named tensors with a one-off codec; see get_codec."""
-    return get_codec(codec, **params).encode(x)
+def encode(x: Tensors, codec: str = "int8", *, by_reference: bool = False, **params: Any) -> bytes:
+    """Encode a tensor or a dict of named tensors with a one-off codec; see get_codec.
+
+    by_reference: name the tensors' layout (names, dtypes, shapes) by an 8-byte fingerprint instead of
+        carrying it; decode then needs `layout=` (the same tensors, or gradcodec.Layout.of them). The
+        default, self-describing form decodes from the bytes alone.
+    """
+    return get_codec(codec, **params).encode(x, by_reference=by_reference)
 
 
 def decode(
@@ -46,6 +52,7 @@ def decode(
     *,
     models: Sequence[Any] | None = None,
     max_output_bytes: int | None = None,
+    layout: Tensors | Layout | None = None,
 ) -> Tensors:
     """Decode any gradcodec payload: the bytes say which codec made them.
 
@@ -54,9 +61,11 @@ def decode(
         payload is used.
     max_output_bytes: refuse payloads that would decode to more than this many bytes (default
         65536 x the payload's size, at least 1 MiB); raise it for trusted, extremely sparse payloads.
+    layout: for a payload encoded with by_reference=True, the tensors it encodes (values unused) or
+        their gradcodec.Layout; a missing or different layout raises LayoutMismatch.
     Raises a GradcodecError subclass for anything that is not a valid payload.
     """
-    msg = unpack(blob, max_output_bytes)
+    msg = unpack(blob, max_output_bytes, layout)
     try:
         kind, root, _ = registry.build(msg.codec, resources={"models": models})
     except InvalidInput as e:
@@ -91,6 +100,8 @@ class PayloadInfo:
     fingerprint: str
     single: bool
     compressed: bool
+    by_reference: bool  # the tensor layout travelled as a fingerprint (`layout` below), not as a table
+    layout: str  # hex fingerprint of the tensors' layout (names, dtypes, shapes)
     tensors: list[TensorInfo]
     payload_bytes: int  # total length of the byte string
     original_bytes: int  # bytes of the tensors it decodes to
@@ -106,10 +117,14 @@ class PayloadInfo:
         return 8 * self.payload_bytes / n if n else float("nan")
 
 
-def inspect(blob: bytes) -> PayloadInfo:
-    """Describe a payload (codec, version, tensors, sizes, ratio) without decoding it."""
+def inspect(blob: bytes, layout: Tensors | Layout | None = None) -> PayloadInfo:
+    """Describe a payload (codec, version, tensors, sizes, ratio) without decoding it.
+
+    layout: needed for a by-reference payload (see decode), whose tensors the bytes do not list.
+    """
+    layout = as_layout(layout)
     try:
-        h = wire.read_header(blob)
+        h = wire.read_header(blob, layout=layout)
     except GradcodecError:
         raise
     except (ValueError, TypeError) as e:
@@ -121,6 +136,8 @@ def inspect(blob: bytes) -> PayloadInfo:
         fingerprint=h.fingerprint.hex(),
         single=h.single,
         compressed=h.compressed,
+        by_reference=h.by_reference,
+        layout=(h.layout_fingerprint or Layout(tuple((n, dt, sh) for n, dt, sh, _ in h.tensors)).fingerprint).hex(),
         tensors=tensors,
         payload_bytes=h.total_len,
         original_bytes=sum(t.nbytes for t in tensors),

@@ -20,9 +20,9 @@ import torch
 from . import wire
 from .codecs.base import EncodeContext, Stage, all_finite
 from .codecs.cast import Raw
-from .codecs.lossless import Zstd, zstd_decompress
+from .codecs.lossless import ByteStage
 from .errors import CorruptPayload, GradcodecError, InvalidInput
-from .registry import canonical_spec
+from .registry import byte_stage_of, canonical_spec
 
 Tensors = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
@@ -72,7 +72,7 @@ class Codec(ABC):
     lossless: bool
     model = None
 
-    def __init__(self, byte_stage: Zstd | None = None, seed: int | None = None, allow_nonfinite: bool = False):
+    def __init__(self, byte_stage: ByteStage | None = None, seed: int | None = None, allow_nonfinite: bool = False):
         self.byte_stage = byte_stage
         self.generator = torch.Generator()
         if seed is None:
@@ -103,19 +103,23 @@ class Codec(ABC):
             raise InvalidInput(f"codec {self.spec!r} keeps no state but was given keys {sorted(state)[:3]}")
 
     # ------------------------------------------------------------------ public verbs
-    def encode(self, x: Tensors, *, residuals: dict[str, torch.Tensor] | None = None) -> bytes:
+    def encode(self, x: Tensors, *, residuals: dict[str, torch.Tensor] | None = None, by_reference: bool = False) -> bytes:
         """Encode one tensor or a dict of named tensors into self-describing bytes.
 
+        by_reference: leave the names, dtypes and shapes out and name them by an 8-byte fingerprint
+            (gradcodec.Layout.of(x)); only a decoder given that layout can decode the payload. For
+            transports where both ends already hold the tensors' layout (a federated round).
         `residuals` is the error-feedback state that gradcodec.ErrorFeedback passes; leave it out.
         """
         named, single = as_named(x)
         msg = self.encode_named(named, residuals)
         msg.single = single
-        return wire.pack(msg, compress=self.byte_stage.compress if self.byte_stage else None)
+        return wire.pack(msg, compress=self.byte_stage.compress if self.byte_stage else None, by_reference=by_reference)
 
-    def decode(self, blob: bytes, device: str | torch.device | None = None, max_output_bytes: int | None = None) -> Tensors:
+    def decode(self, blob: bytes, device: str | torch.device | None = None, max_output_bytes: int | None = None,
+               layout: Tensors | wire.Layout | None = None) -> Tensors:
         """Decode bytes that this codec (same canonical spec) produced; see gradcodec.decode."""
-        msg = unpack(blob, max_output_bytes)
+        msg = unpack(blob, max_output_bytes, layout)
         if msg.codec != self.spec:
             raise InvalidInput(
                 f"payload was encoded with {msg.codec!r} but this codec is {self.spec!r}; use gradcodec.decode(blob)"
@@ -140,20 +144,40 @@ class Codec(ABC):
         return out
 
 
-def unpack(blob: bytes, max_output_bytes: int | None = None) -> wire.Message:
-    """wire.unpack with gradcodec's decompressor; any unexpected failure becomes CorruptPayload."""
+def as_layout(layout: Tensors | wire.Layout | None) -> wire.Layout | None:
+    """The wire Layout of a `layout=` argument: a Layout, or the tensors (one, or a dict) it describes."""
+    if layout is None or isinstance(layout, wire.Layout):
+        return layout
+    named, single = as_named(layout)
+    return wire.Layout.of(named)
+
+
+def unpack(blob: bytes, max_output_bytes: int | None = None, layout: Tensors | wire.Layout | None = None) -> wire.Message:
+    """wire.unpack with the byte stage its spec names; any unexpected failure becomes CorruptPayload."""
+    layout = as_layout(layout)
     try:
-        return wire.unpack(blob, max_output_bytes, decompress=zstd_decompress)
+        return wire.unpack(blob, max_output_bytes, decompress=_decompress, layout=layout)
     except GradcodecError:
         raise
     except (ValueError, TypeError, OverflowError, RuntimeError) as e:
         raise CorruptPayload(f"malformed payload: {e}") from e
 
 
+def _decompress(spec: str, data: memoryview, size: int) -> bytes:
+    """Undo the byte stage that ends `spec` (zstd, ans, ...): exactly `size` bytes or CorruptPayload."""
+    try:
+        stage = byte_stage_of(spec)
+    except GradcodecError as e:
+        raise CorruptPayload(f"payload names an invalid codec spec {spec!r}: {e}") from None
+    if stage is None:
+        raise CorruptPayload(f"payload region is marked compressed but its spec {spec!r} ends in no byte stage")
+    return stage.decompress(data, size)
+
+
 class PipelineCodec(Codec):
     """A chain of per-tensor stages (see gradcodec.codecs.base); each tensor is encoded on its own."""
 
-    def __init__(self, root: Stage, byte_stage: Zstd | None = None, seed: int | None = None, allow_nonfinite: bool = False):
+    def __init__(self, root: Stage, byte_stage: ByteStage | None = None, seed: int | None = None, allow_nonfinite: bool = False):
         super().__init__(byte_stage, seed, allow_nonfinite)
         self.root = root
         self.stages = []

@@ -34,3 +34,7 @@ class ModelMismatch(GradcodecError):
 
 class PayloadTooLarge(CorruptPayload):
     """Decoding would allocate more than the limit derived from the payload (or set by the caller)."""
+
+
+class LayoutMismatch(GradcodecError):
+    """A by-reference payload names a tensor layout (names, dtypes, shapes) that the decoder was not given."""

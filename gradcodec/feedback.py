@@ -37,7 +37,8 @@ class ErrorFeedback:
     def lossless(self) -> bool:
         return False
 
-    def encode(self, x: Tensors) -> bytes:
+    def encode(self, x: Tensors, *, by_reference: bool = False) -> bytes:
+        """Encode x + residual (see Codec.encode for `by_reference`) and keep what the payload misses."""
         named, _ = as_named(x)
         for name, t in named.items():
             if not t.is_floating_point():
@@ -50,10 +51,11 @@ class ErrorFeedback:
                 )
             if r is None or r.device != t.device:
                 self.residuals[name] = torch.zeros(t.shape, dtype=torch.float32, device=t.device) if r is None else r.to(t.device)
-        return self.codec.encode(x, residuals=self.residuals)
+        return self.codec.encode(x, residuals=self.residuals, by_reference=by_reference)
 
-    def decode(self, blob: bytes, device: str | torch.device | None = None, max_output_bytes: int | None = None) -> Tensors:
-        return self.codec.decode(blob, device, max_output_bytes)
+    def decode(self, blob: bytes, device: str | torch.device | None = None, max_output_bytes: int | None = None,
+               layout=None) -> Tensors:
+        return self.codec.decode(blob, device, max_output_bytes, layout)
 
     def reset(self, names: Iterable[str] | None = None) -> None:
         """Forget the residuals of `names`, or all of them (e.g. when the model is re-initialised)."""

@@ -181,6 +181,13 @@ def build(spec: str, params: dict[str, Any] | None = None, resources: dict[str, 
     return "pipeline", root, byte_stage
 
 
+def byte_stage_of(spec: str):
+    """The byte stage (zstd, ans, ...) that ends `spec`, built from its parameters; None if it has none."""
+    name, raw = parse_spec(spec)[-1]
+    cls = lookup(name)
+    return _construct(cls, raw, {}) if cls.kind == "bytes" else None
+
+
 def canonical_spec(stages: list[Any]) -> str:
     """The spec that rebuilds exactly these stages for decoding: every wire parameter explicit."""
     parts = []

@@ -1,6 +1,7 @@
 """THE byte layout of a gradcodec payload. Nothing else in gradcodec reads or writes bytes.
 
-A payload carries a codec spec, a table of the original tensors (name, dtype, shape), and a list of
+A payload carries a codec spec, a table of the original tensors (name, dtype, shape) — or, in the
+by-reference form, only an 8-byte fingerprint of that table, for peers that already hold it —, and a list of
 *sections*: flat typed arrays that the codec produced (codes, scales, indices, seeds, ...). Each
 tensor owns the sections listed with it; a codec that encodes all tensors jointly (the learned
 codec) puts its sections in the shared list. The layout is documented byte by byte in
@@ -11,6 +12,7 @@ against a limit derived from the payload length, before anything is allocated.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 import sys
@@ -19,17 +21,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import CorruptPayload, PayloadTooLarge, UnsupportedVersion
+from .errors import CorruptPayload, LayoutMismatch, PayloadTooLarge, UnsupportedVersion
 
 MAGIC = b"GCDC"
-VERSION = 1
+VERSION = 2  # the newest version this module reads; it writes 1 unless a payload needs 2
+LAYOUT_REF_VERSION = 2  # the first version with FLAG_LAYOUT_REF
 PRELUDE = struct.Struct("<4sHHIQ")  # magic, version, flags, header length, stored payload length
 ALIGN = 8  # the header ends, and the payload region starts, 8-byte aligned
 CHECKSUM = struct.Struct("<I")
 
 FLAG_SINGLE = 1  # the input was one tensor, not a dict
-FLAG_ZSTD = 2  # the payload region is one zstd frame
-KNOWN_FLAGS = FLAG_SINGLE | FLAG_ZSTD
+FLAG_ZSTD = 2  # the payload region went through the byte stage that ends the spec (zstd, ans)
+FLAG_LAYOUT_REF = 4  # the tensor table names its layout by fingerprint instead of listing it (version 2)
+KNOWN_FLAGS = FLAG_SINGLE | FLAG_ZSTD | FLAG_LAYOUT_REF
+LAYOUT_FINGERPRINT_BYTES = 8
 
 MAX_SPEC_BYTES = 4096
 MAX_NAME_BYTES = 65535
@@ -86,6 +91,37 @@ class Message:
     fingerprint: bytes = b""
 
 
+@dataclass(frozen=True)
+class Layout:
+    """The names, dtypes and shapes of a set of tensors, in order: what a by-reference payload leaves out.
+
+    Both ends build it from tensors they already hold (`Layout.of`); `fingerprint` is the first 8
+    bytes of the SHA-256 of the table a self-describing payload would carry, so two layouts match
+    exactly when every name, dtype and shape, and their order, match.
+    """
+
+    entries: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
+
+    @classmethod
+    def of(cls, tensors: "torch.Tensor | dict[str, torch.Tensor] | Layout") -> "Layout":
+        """The layout of one tensor (named "", as a lone tensor travels) or of a dict of named tensors."""
+        if isinstance(tensors, Layout):
+            return tensors
+        if isinstance(tensors, torch.Tensor):
+            tensors = {"": tensors}
+        if not hasattr(tensors, "items"):
+            raise TypeError(f"a layout is made from a tensor or a dict of named tensors, not {type(tensors).__name__}")
+        return cls(tuple((name, t.dtype, tuple(t.shape)) for name, t in tensors.items()))
+
+    @property
+    def fingerprint(self) -> bytes:
+        table, previous = bytearray(_varint(len(self.entries))), b""
+        for name, dtype, shape in self.entries:
+            table += _layout_entry(previous, name, dtype, shape)
+            previous = name.encode("utf-8")
+        return hashlib.sha256(bytes(table)).digest()[:LAYOUT_FINGERPRINT_BYTES]
+
+
 @dataclass
 class SectionInfo:
     dtype: torch.dtype
@@ -110,6 +146,11 @@ class Header:
     tensors: list[tuple[str, torch.dtype, tuple[int, ...], list[SectionInfo]]]
     shared: list[SectionInfo]
     payload_offset: int
+    layout_fingerprint: bytes = b""  # by-reference payloads: the fingerprint of the layout they name
+
+    @property
+    def by_reference(self) -> bool:
+        return bool(self.flags & FLAG_LAYOUT_REF)
 
     @property
     def single(self) -> bool:
@@ -151,6 +192,18 @@ def _shared_prefix(a: bytes, b: bytes) -> int:
     return i
 
 
+def _layout_entry(previous: bytes, name_str: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    """One tensor's row of the table: its name front-coded against the previous one, dtype, shape."""
+    name = name_str.encode("utf-8")
+    if len(name) > MAX_NAME_BYTES:
+        raise ValueError(f"tensor name longer than {MAX_NAME_BYTES} bytes: {name_str[:40]}...")
+    if len(shape) > MAX_NDIM:
+        raise ValueError(f"tensor {name_str!r} has more than {MAX_NDIM} dimensions")
+    shared = _shared_prefix(previous, name)
+    return (_varint(shared) + _varint(len(name) - shared) + name[shared:]
+            + bytes([CODE_OF_DTYPE[dtype], len(shape)]) + b"".join(map(_varint, shape)))
+
+
 def section_layout(infos: list[SectionInfo]) -> tuple[list[int], int]:
     """Offsets of the sections in the payload region, each aligned to its element size, and its length."""
     offsets, pos = [], 0
@@ -171,11 +224,14 @@ def _section_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
-def pack(msg: Message, compress=None) -> bytes:
+def pack(msg: Message, compress=None, by_reference: bool = False) -> bytes:
     """Serialise `msg`.
 
+    by_reference: write the tensor table as the 8-byte fingerprint of `Layout.of` the message's
+    tensors (version 2) instead of their names, dtypes and shapes; the decoder must hold that layout.
     `compress(buffers, total)`, if given, turns the payload region (the concatenation of `buffers`,
-    `total` bytes) into one zstd frame, returned as pieces to be concatenated.
+    `total` bytes) into the byte stage's output (one zstd frame, an ANS stream), returned as pieces
+    to be concatenated.
     """
     _require_little_endian()
     spec = msg.codec.encode("utf-8")
@@ -199,31 +255,30 @@ def pack(msg: Message, compress=None) -> bytes:
             out += bytes([CODE_OF_DTYPE[t.dtype]]) + _varint(t.numel())
         return bytes(out)
 
-    table = bytearray(_varint(len(msg.tensors)))
-    previous = b""
-    for entry in msg.tensors:
-        name = entry.name.encode("utf-8")
-        if len(name) > MAX_NAME_BYTES:
-            raise ValueError(f"tensor name longer than {MAX_NAME_BYTES} bytes: {entry.name[:40]}...")
-        if len(entry.shape) > MAX_NDIM:
-            raise ValueError(f"tensor {entry.name!r} has more than {MAX_NDIM} dimensions")
-        shared = _shared_prefix(previous, name)
-        table += _varint(shared) + _varint(len(name) - shared) + name[shared:]
-        table += bytes([CODE_OF_DTYPE[entry.dtype], len(entry.shape)]) + b"".join(map(_varint, entry.shape))
-        table += section_list(entry.sections)
-        previous = name
+    if by_reference:
+        layout = Layout(tuple((e.name, e.dtype, tuple(e.shape)) for e in msg.tensors))
+        table = bytearray(layout.fingerprint + _varint(len(msg.tensors)))
+        for entry in msg.tensors:
+            table += section_list(entry.sections)
+    else:
+        table = bytearray(_varint(len(msg.tensors)))
+        previous = b""
+        for entry in msg.tensors:
+            table += _layout_entry(previous, entry.name, entry.dtype, tuple(entry.shape)) + section_list(entry.sections)
+            previous = entry.name.encode("utf-8")
     table += section_list(msg.shared)
 
     head = _varint(len(spec)) + spec + _varint(len(msg.fingerprint)) + msg.fingerprint + _varint(raw_len) + table
     head += b"\0" * _pad(PRELUDE.size + len(head))
-    flags = FLAG_SINGLE if msg.single else 0
+    flags = (FLAG_SINGLE if msg.single else 0) | (FLAG_LAYOUT_REF if by_reference else 0)
     if compress is not None:
         stored = [memoryview(piece) for piece in compress(chunks, raw_len)]
         flags |= FLAG_ZSTD
     else:
         stored = chunks
     stored_len = sum(len(c) for c in stored)
-    front = PRELUDE.pack(MAGIC, VERSION, flags, len(head), stored_len) + head
+    version = LAYOUT_REF_VERSION if by_reference else 1  # old readers keep reading what needs nothing new
+    front = PRELUDE.pack(MAGIC, version, flags, len(head), stored_len) + head
     crc = zlib.crc32(front)
     for c in stored:
         crc = zlib.crc32(c, crc)
@@ -283,8 +338,12 @@ class _Reader:
         return [SectionInfo(self.dtype(f"section {i} of {what}"), self.varint(f"length of section {i} of {what}")) for i in range(n)]
 
 
-def read_header(blob: bytes | bytearray | memoryview, verify_checksum: bool = True) -> Header:
-    """Parse and validate the prelude and header of `blob` without reading the sections."""
+def read_header(blob: bytes | bytearray | memoryview, verify_checksum: bool = True, layout: Layout | None = None) -> Header:
+    """Parse and validate the prelude and header of `blob` without reading the sections.
+
+    layout: the tensor layout a by-reference payload names (ignored for self-describing ones); a
+    by-reference payload without it, or with another layout, raises LayoutMismatch.
+    """
     _require_little_endian()
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise CorruptPayload(f"expected bytes, got {type(blob).__name__}")
@@ -302,6 +361,8 @@ def read_header(blob: bytes | bytearray | memoryview, verify_checksum: bool = Tr
         )
     if flags & ~KNOWN_FLAGS:
         raise CorruptPayload(f"unknown flag bits {flags & ~KNOWN_FLAGS:#x} in payload prelude")
+    if flags & FLAG_LAYOUT_REF and version < LAYOUT_REF_VERSION:
+        raise CorruptPayload(f"by-reference flag set in a version {version} payload")
     payload_offset = PRELUDE.size + head_len
     expected_total = payload_offset + stored_len + CHECKSUM.size
     if head_len % ALIGN != (-PRELUDE.size) % ALIGN or expected_total != total:
@@ -322,6 +383,26 @@ def read_header(blob: bytes | bytearray | memoryview, verify_checksum: bool = Tr
         raise CorruptPayload(f"codec spec is not valid UTF-8: {e}") from None
     fingerprint = r.take_bytes(r.varint("fingerprint length", MAX_FINGERPRINT), "fingerprint")
     raw_len = r.varint("payload length")
+    if flags & FLAG_LAYOUT_REF:
+        named = r.take_bytes(LAYOUT_FINGERPRINT_BYTES, "layout fingerprint")
+        if layout is None:
+            raise LayoutMismatch(
+                f"payload names its tensor layout by reference (fingerprint {named.hex()}) instead of carrying it;"
+                " pass layout= (the tensors, or gradcodec.Layout.of them, whose names, dtypes and shapes it encodes)"
+            )
+        if layout.fingerprint != named:
+            raise LayoutMismatch(
+                f"payload was encoded for tensor layout {named.hex()}, but the layout given is {layout.fingerprint.hex()}"
+                f" ({len(layout.entries)} tensors, first {layout.entries[0][0] if layout.entries else None!r}): names, dtypes,"
+                " shapes or their order differ"
+            )
+        n_tensors = r.varint("tensor count", limit=r.left // 1)
+        if n_tensors != len(layout.entries):
+            raise CorruptPayload(f"payload lists {n_tensors} tensors but its layout {named.hex()} has {len(layout.entries)}")
+        tensors = [(name, dtype, shape, r.sections(f"tensor {name!r}")) for name, dtype, shape in layout.entries]
+        shared_sections = r.sections("shared sections")
+        return _finish_header(buf, r, payload_offset, version, flags, codec, fingerprint, raw_len, stored_len, total,
+                              tensors, shared_sections, named)
     # each tensor takes at least 5 header bytes: a count the header cannot hold is refused first
     n_tensors = r.varint("tensor count", limit=r.left // 5)
     tensors = []
@@ -346,10 +427,17 @@ def read_header(blob: bytes | bytearray | memoryview, verify_checksum: bool = Tr
         shape = tuple(r.varint(f"dimension {d} of tensor {name!r}") for d in range(ndim))
         tensors.append((name, dtype, shape, r.sections(f"tensor {name!r}")))
     shared_sections = r.sections("shared sections")
+    return _finish_header(buf, r, payload_offset, version, flags, codec, fingerprint, raw_len, stored_len, total,
+                          tensors, shared_sections)
+
+
+def _finish_header(buf, r: _Reader, payload_offset: int, version: int, flags: int, codec: str, fingerprint: bytes,
+                   raw_len: int, stored_len: int, total: int, tensors, shared_sections, layout_fingerprint: bytes = b"") -> Header:
     pad = payload_offset - r.pos
     if pad >= ALIGN or any(buf[r.pos : payload_offset]):
         raise CorruptPayload(f"header has {pad} unexplained bytes after the section table")
-    return Header(version, flags, codec, fingerprint, raw_len, stored_len, total, tensors, shared_sections, payload_offset)
+    return Header(version, flags, codec, fingerprint, raw_len, stored_len, total, tensors, shared_sections, payload_offset,
+                  layout_fingerprint)
 
 
 def output_limit(payload_len: int, max_output_bytes: int | None) -> int:
@@ -359,13 +447,17 @@ def output_limit(payload_len: int, max_output_bytes: int | None) -> int:
     return max(MIN_OUTPUT_LIMIT, payload_len * DEFAULT_MAX_EXPANSION)
 
 
-def unpack(blob: bytes | bytearray | memoryview, max_output_bytes: int | None = None, decompress=None) -> Message:
+def unpack(blob: bytes | bytearray | memoryview, max_output_bytes: int | None = None, decompress=None,
+           layout: Layout | None = None) -> Message:
     """Parse `blob` into a Message, checking every size before allocating.
 
-    `decompress(data, size)` must return exactly `size` bytes or raise CorruptPayload; it is needed
-    only for payloads whose zstd flag is set.
+    layout: what a by-reference payload names (see read_header).
+
+    `decompress(spec, data, size)` undoes the byte stage that ends the payload's codec spec: it must
+    return exactly `size` bytes or raise CorruptPayload; it is needed only for payloads whose
+    compressed flag is set.
     """
-    h = read_header(blob)
+    h = read_header(blob, layout=layout)
     buf = memoryview(blob).cast("B")
     limit = output_limit(h.total_len, max_output_bytes)
 
@@ -385,7 +477,7 @@ def unpack(blob: bytes | bytearray | memoryview, max_output_bytes: int | None = 
     if h.compressed:
         if decompress is None:
             raise CorruptPayload("payload is zstd-compressed but no decompressor was given")
-        region = bytearray(decompress(stored, h.raw_payload_len))
+        region = bytearray(decompress(h.codec, stored, h.raw_payload_len))
     else:
         if h.raw_payload_len != h.stored_payload_len:
             raise CorruptPayload(

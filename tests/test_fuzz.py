@@ -119,3 +119,23 @@ def test_inspect_refuses_mutants_with_gradcodec_errors_only():
             gradcodec.inspect(_mutate(PAYLOADS[i % len(PAYLOADS)], rng))
         except GradcodecError:
             pass
+
+
+def test_mutated_by_reference_payloads_decode_or_raise_gradcodec_errors():
+    """The by-reference header (layout fingerprint + section lists) under the same mutations, decoded
+    with the layout the intact payload names."""
+    g = torch.Generator().manual_seed(1)
+    x = {"q.lora_A": torch.randn(4, 24, generator=g), "q.lora_B": torch.randn(24, 4, generator=g)}
+    blobs = [gradcodec.encode(x, spec, by_reference=True) for spec in ("raw", "int8", "topk:ratio=0.2|int4|zstd", "sign")]
+    rng = random.Random(7)
+    outcomes = {"refused": 0, "decoded": 0}
+    for i in range(3000):
+        blob = _mutate(blobs[i % len(blobs)], rng)
+        try:
+            out = gradcodec.decode(blob, layout=x)
+        except GradcodecError:
+            outcomes["refused"] += 1
+            continue
+        assert [tuple(t.shape) for t in out.values()] == [(4, 24), (24, 4)]
+        outcomes["decoded"] += 1
+    assert outcomes["refused"] > 750 and outcomes["decoded"] > 20, outcomes

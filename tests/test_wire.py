@@ -7,7 +7,7 @@ import torch
 
 import gradcodec
 from gradcodec import wire
-from gradcodec.errors import CorruptPayload, PayloadTooLarge, UnknownCodec, UnsupportedVersion
+from gradcodec.errors import CorruptPayload, LayoutMismatch, PayloadTooLarge, UnknownCodec, UnsupportedVersion
 
 X = torch.tensor([[0.5, -1.0, 2.0], [0.0, 3.25, -0.125]])
 
@@ -208,3 +208,65 @@ def test_overlong_varint_is_corrupt():
     blob[spec_len_at] = 0x83  # continuation bit on the spec length: the varint now runs into the spec
     with pytest.raises(CorruptPayload):
         gradcodec.decode(reseal(blob))
+
+
+# ------------------------------------------------------------------ layout by reference (version 2)
+
+LORA = {"layers.0.q_proj.lora_A": torch.arange(32.0).reshape(4, 8), "layers.0.q_proj.lora_B": torch.ones(8, 4)}
+
+
+@pytest.mark.parametrize("spec", ["raw", "int8", "topk:ratio=0.25|int4|zstd", "powersgd:rank=1|fp16"])
+def test_by_reference_payload_decodes_like_the_self_describing_one(spec):
+    full = gradcodec.encode(LORA, spec, seed=3)
+    ref = gradcodec.encode(LORA, spec, seed=3, by_reference=True)
+    assert len(ref) < len(full)
+    a, b = gradcodec.decode(full), gradcodec.decode(ref, layout=LORA)
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert gradcodec.decode(ref, layout=gradcodec.Layout.of(LORA)).keys() == LORA.keys()
+
+
+def test_by_reference_header_drops_exactly_the_table():
+    """Names, dtypes and shapes leave the header; an 8-byte fingerprint comes in."""
+    # hand-counted rows: A = prefix 0, length 22, 22 name bytes, dtype, ndim, 2 dims = 28 bytes;
+    # B = prefix 21, length 1, "B", dtype, ndim, 2 dims = 7 bytes; by reference: an 8-byte fingerprint
+    saved = 28 + 7 - 8
+    full, ref = gradcodec.encode(LORA, "raw"), gradcodec.encode(LORA, "raw", by_reference=True)
+    h_full, h_ref = wire.read_header(full), wire.read_header(ref, layout=wire.Layout.of(LORA))
+    assert abs((h_full.payload_offset - h_ref.payload_offset) - saved) < wire.ALIGN  # up to the header's padding
+    assert (h_full.version, h_ref.version) == (1, 2) and h_ref.by_reference and not h_full.by_reference
+
+
+def test_by_reference_single_tensor_round_trips():
+    t = torch.randn(33)
+    out = gradcodec.decode(gradcodec.encode(t, "fp16", by_reference=True), layout=t)
+    assert isinstance(out, torch.Tensor) and out.shape == (33,)
+
+
+@pytest.mark.parametrize("change", ["missing", "renamed", "reshaped", "dtype", "reordered", "extra"])
+def test_by_reference_payload_refuses_a_wrong_layout(change):
+    blob = gradcodec.encode(LORA, "int8", by_reference=True)
+    a, b = LORA.items()
+    wrong = {
+        "missing": None,
+        "renamed": {a[0] + "x": a[1], b[0]: b[1]},
+        "reshaped": {a[0]: a[1].reshape(8, 4), b[0]: b[1]},
+        "dtype": {a[0]: a[1].half(), b[0]: b[1]},
+        "reordered": {b[0]: b[1], a[0]: a[1]},
+        "extra": {**LORA, "c": torch.ones(1)},
+    }[change]
+    with pytest.raises(LayoutMismatch, match="layout"):
+        gradcodec.decode(blob, layout=wrong)
+    with pytest.raises(LayoutMismatch):
+        gradcodec.inspect(blob, layout=wrong)
+
+
+def test_by_reference_flag_in_a_version_1_payload_is_corrupt():
+    blob = bytearray(gradcodec.encode(LORA, "raw", by_reference=True))
+    struct.pack_into("<H", blob, 4, 1)
+    with pytest.raises(CorruptPayload, match="version 1"):
+        gradcodec.decode(reseal(blob), layout=LORA)
+
+
+def test_layout_fingerprint_is_pinned():
+    """The fingerprint is part of the wire format: SHA-256 of the self-describing table, 8 bytes."""
+    assert wire.Layout.of(LORA).fingerprint.hex() == "443ce9d873d702d4"

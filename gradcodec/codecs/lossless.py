@@ -6,6 +6,7 @@ decoding checks the frame against the length the header declares before trusting
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import zstandard
 
@@ -14,6 +15,20 @@ from ..registry import register
 from .base import require
 
 STEP = 1 << 20  # bytes of input per compress call
+
+
+class ByteStage(Protocol):
+    """What the wire layer needs of a byte stage (kind "bytes"): any parameter `decompress` depends
+    on must be in `wire_params`, since decoding rebuilds the stage from the payload's spec."""
+
+    name: str
+    kind: str
+
+    def wire_params(self) -> dict: ...
+
+    def compress(self, buffers: Sequence[bytes | memoryview], total: int) -> list[bytes]: ...
+
+    def decompress(self, data: bytes | memoryview, size: int) -> bytes: ...
 
 
 @register("zstd")
@@ -46,24 +61,23 @@ class Zstd:
         pieces.append(stream.flush())
         return pieces
 
+    def decompress(self, data: bytes | memoryview, size: int) -> bytes:
+        """Decompress one zstd frame that must expand to exactly `size` bytes.
 
-def zstd_decompress(data: bytes | memoryview, size: int) -> bytes:
-    """Decompress one zstd frame that must expand to exactly `size` bytes.
-
-    The frame's own content-size field is not trusted: output is read in bounded chunks and
-    decompression stops as soon as it would pass `size`.
-    """
-    out = bytearray()
-    try:
-        with zstandard.ZstdDecompressor().stream_reader(bytes(data), read_across_frames=False) as reader:
-            while len(out) <= size:
-                chunk = reader.read(min(size + 1 - len(out), 1 << 20))
-                if not chunk:
-                    break
-                out += chunk
-            trailing = reader.read(1) if len(out) == size else b""
-    except zstandard.ZstdError as e:
-        raise CorruptPayload(f"zstd payload does not decompress: {e}") from None
-    if len(out) != size or trailing:
-        raise CorruptPayload(f"zstd payload expands to {'more than ' if trailing else ''}{len(out)} bytes, the header declares {size}")
-    return bytes(out)
+        The frame's own content-size field is not trusted: output is read in bounded chunks and
+        decompression stops as soon as it would pass `size`.
+        """
+        out = bytearray()
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(bytes(data), read_across_frames=False) as reader:
+                while len(out) <= size:
+                    chunk = reader.read(min(size + 1 - len(out), 1 << 20))
+                    if not chunk:
+                        break
+                    out += chunk
+                trailing = reader.read(1) if len(out) == size else b""
+        except zstandard.ZstdError as e:
+            raise CorruptPayload(f"zstd payload does not decompress: {e}") from None
+        if len(out) != size or trailing:
+            raise CorruptPayload(f"zstd payload expands to {'more than ' if trailing else ''}{len(out)} bytes, the header declares {size}")
+        return bytes(out)
