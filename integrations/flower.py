@@ -43,14 +43,18 @@ A gradcodec record is an ArrayRecord, under the name of the record it stands for
 
 Next to it, the ConfigRecord ``"__gradcodec__.<record name>"`` says how to rebuild it: ``"keys"``, the
 record's keys in order, and, on the uplink, ``"ref"``, the name of the record the update is relative
-to. An uplink record whose keys are its reference's, in the same order (the usual reply: the model
-the server sent, trained), omits ``"keys"``: the names would otherwise travel twice, once here and once
-in the payload, which for a small compressed adapter is most of the message. Each key is taken from
+to. On the uplink everything the server already knows is left out, since for a ≥100× compressed
+adapter the envelope would otherwise outweigh the payload: an uplink record whose keys are its
+reference's, in the same order (the usual reply: the model the server sent, trained), omits
+``"keys"``, and one whose reference has its own name (the usual case too) has no ConfigRecord at all;
+a payload carrying the full update (every key, float ones as float32 updates) names its tensor layout
+by an 8-byte fingerprint (`update_layout`, docs/wire-format.md "By reference") instead of carrying
+the names, dtypes and shapes, which the server rebuilds from the reference it sent. Each key is taken from
 the payload, else from the Arrays sent as they are, else from the reference (the app returned it
 bitwise unchanged, so it is not sent); reference keys missing from ``"keys"`` were
-dropped by the app. In a payload with a ``"ref"``, float tensors are updates (added to the reference)
-and integer and bool tensors are values (gradcodec sends them raw under any codec); without one (the
-downlink) every tensor is a value. The uplink sends as they are, exactly whatever the codec, the float
+dropped by the app. In an uplink payload float tensors are updates (added to the reference)
+and integer and bool tensors are values (gradcodec sends them raw under any codec); on the
+downlink every tensor is a value. The uplink sends as they are, exactly whatever the codec, the float
 arrays that are values: those without a float reference of the same shape and dtype (new keys), and
 those a lossless update cannot rebuild (below).
 
@@ -261,11 +265,13 @@ def _rebuild(
     of a round. models: learned models to decode with. Raises CorruptPayload (or another
     GradcodecError) for anything malformed.
     """
-    keys = meta.get("keys", list(ref) if ref is not None else None) if isinstance(meta, ConfigRecord) else None
+    default_keys = list(ref) if ref is not None else None
+    keys = meta.get("keys", default_keys) if isinstance(meta, ConfigRecord) else default_keys
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
         raise CorruptPayload("gradcodec record: its ConfigRecord has no valid 'keys' list")
     blob = record[RECORD_KEY].data
-    payload = gradcodec.decode(blob, models=list(models))
+    layout = update_layout(ref) if ref is not None else None
+    payload = gradcodec.decode(blob, models=list(models), layout=layout)
     if not isinstance(payload, dict):
         raise CorruptPayload("gradcodec record: the payload holds a lone tensor, not named tensors")
     as_is = {k: a for k, a in record.items() if k != RECORD_KEY}
@@ -285,7 +291,20 @@ def _rebuild(
             out[key] = _copy_array(ref[key])  # returned unchanged, so not sent
         else:
             raise CorruptPayload(f"gradcodec record: {key!r} is neither sent nor in the reference")
-    return out, gradcodec.inspect(blob).codec
+    return out, gradcodec.inspect(blob, layout=layout).codec
+
+
+def update_layout(ref: Mapping[str, Array]) -> gradcodec.Layout:
+    """The layout of a full update against the reference Arrays `ref`: every key gradcodec carries, in
+    order, float ones as float32 updates, integer and bool ones as values. A reply whose payload has
+    exactly this layout names it by fingerprint instead of carrying names, dtypes and shapes: the
+    server holds `ref`, so it rebuilds the table itself."""
+    entries = []
+    for key, array in ref.items():
+        t = _to_tensor(array)
+        if t is not None:
+            entries.append((key, torch.float32 if t.is_floating_point() else t.dtype, tuple(t.shape)))
+    return gradcodec.Layout(tuple(entries))
 
 
 def _reference(ref: Mapping[str, Array], key: str, shape: tuple[int, ...], cache: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -308,7 +327,7 @@ def _reference(ref: Mapping[str, Array], key: str, shape: tuple[int, ...], cache
 
 
 def gradcodec_mod(codec: str = "int8", error_feedback: bool = True, seed: int | None = None, *,
-                  models: Sequence[str | LearnedModel] = (), measure: bool = True) -> Mod:
+                  models: Sequence[str | LearnedModel] = (), measure: bool = False) -> Mod:
     """A ClientApp mod that compresses TRAIN replies for a `CompressedStrategy` server.
 
     codec: the gradcodec spec for the update ("int8", "int4", "topk:ratio=0.01|int8|zstd", "raw", ...);
@@ -319,14 +338,14 @@ def gradcodec_mod(codec: str = "int8", error_feedback: bool = True, seed: int | 
         without every round drawing the same random numbers.
     models: learned-codec model files (or loaded models) the server may ask for by fingerprint; the
         model of `codec` itself (``"cgfed:model=ae.safetensors"``) is always one of them.
-    measure: add ``gradcodec.message-bytes`` and ``gradcodec.uncompressed-message-bytes`` (serialises the
-        reply once more; turn off for very large models if the hashing time matters).
+    measure: also report ``gradcodec.payload-bytes``, ``gradcodec.uncompressed-bytes``,
+        ``gradcodec.message-bytes`` and ``gradcodec.uncompressed-message-bytes`` (for a server without
+        `CompressedStrategy`, which measures all four itself; off by default: they cost reply bytes).
 
     Put it first in the ClientApp's mods so that other mods and the app see decoded arrays and the mod
-    compresses their final reply. Metrics added to the reply's MetricRecord (or to a MetricRecord
-    ``"__gradcodec__"`` when the reply has not exactly one); the server wrapper removes them again:
-    ``gradcodec.payload-bytes``, ``gradcodec.uncompressed-bytes``, ``gradcodec.encode-s`` and, with
-    `measure`, the two message sizes.
+    compresses their final reply. It adds ``gradcodec.encode-s``, the one figure the server cannot
+    measure, to the reply's MetricRecord (or to a MetricRecord ``"__gradcodec__"`` when the reply has
+    not exactly one); the server wrapper removes it again.
     """
     own = gradcodec.get_codec(codec)  # fail on a bad spec when the app is built, not mid-run
     known = _learned_models(own, models)
@@ -471,6 +490,7 @@ def _compress_reply(
     t0 = time.perf_counter()
     new = RecordDict()
     metas: dict[str, ConfigRecord] = {}
+    encoded: list[str] = []
     states: dict[str, dict[str, torch.Tensor]] = {}
     payload = uncompressed = 0
     for name, rec in reply.content.items():
@@ -483,14 +503,20 @@ def _compress_reply(
         _load_state(codec, context.state.get(state_key), rec)
         # Bit-exact rebuilding is only possible (and checked) against a reference the server holds as is.
         tensors, as_is = _split(rec, received[ref_name], codec, lossless and ref_name in exact)
-        new[name] = _make_record(codec.encode(tensors), as_is)
+        # The server holds the reference: a payload of the full update names its layout by fingerprint.
+        by_reference = gradcodec.Layout.of(tensors).fingerprint == update_layout(received[ref_name]).fingerprint
+        new[name] = _make_record(codec.encode(tensors, by_reference=by_reference), as_is)
         keys = list(rec.keys())
         same = keys == list(received[ref_name])  # then the server knows them: see "Gradcodec records"
-        metas[META_PREFIX + name] = ConfigRecord({"ref": ref_name} if same else {"ref": ref_name, "keys": keys})
+        if not same:
+            metas[META_PREFIX + name] = ConfigRecord({"ref": ref_name, "keys": keys})
+        elif ref_name != name:
+            metas[META_PREFIX + name] = ConfigRecord({"ref": ref_name})
+        encoded.append(name)
         payload += _array_nbytes(new[name])
         uncompressed += _array_nbytes(rec)
         states[state_key] = codec.state_dict()
-    if not metas:
+    if not encoded:
         return reply
     # Commit codec state only once every record is encoded: a failure above leaves context.state as it was.
     for key, state in states.items():
@@ -506,10 +532,10 @@ def _compress_reply(
     else:
         target = MetricRecord()
         new[METRICS_RECORD] = target
-    target[METRIC_PREFIX + "payload-bytes"] = payload
-    target[METRIC_PREFIX + "uncompressed-bytes"] = uncompressed
     target[METRIC_PREFIX + "encode-s"] = time.perf_counter() - t0
     if measure:
+        target[METRIC_PREFIX + "payload-bytes"] = payload
+        target[METRIC_PREFIX + "uncompressed-bytes"] = uncompressed
         target[METRIC_PREFIX + "uncompressed-message-bytes"] = original_size
         # The reported size is part of the message it measures: iterate to the fixed point (the
         # value's varint can grow by a byte a couple of times at most).
@@ -770,7 +796,7 @@ class CompressedStrategy(Strategy):
                 new[name] = kept
             elif name in compressed:
                 meta = content.get(META_PREFIX + name)
-                ref_name = meta.get("ref") if isinstance(meta, ConfigRecord) else None
+                ref_name = meta.get("ref") if isinstance(meta, ConfigRecord) else name
                 if not isinstance(ref_name, str) or ref_name not in sent_records:
                     raise CorruptPayload(f"gradcodec record {name!r}: {META_PREFIX + name!r} names no reference sent to this node")
                 new[name], record_spec = _rebuild(rec, meta, sent_records[ref_name], cache, self.models)

@@ -154,7 +154,7 @@ def test_raw_is_bit_exact_for_every_dtype_and_smaller_on_the_wire(task_identity)
     contexts = {n: new_context(n) for n in (1, 2, 3)}
     (ref_arrays, ref_metrics), _ = run_round(fedavg(), g, make_app(), None, {n: new_context(n) for n in (1, 2, 3)})
     wrapper = CompressedStrategy(fedavg())
-    (arrays, metrics), compressed = run_round(wrapper, g, make_app(), gradcodec_mod("raw"), contexts)
+    (arrays, metrics), compressed = run_round(wrapper, g, make_app(), gradcodec_mod("raw", measure=True), contexts)
     assert list(arrays.keys()) == list(ref_arrays.keys())
     for k in ref_arrays.keys():
         assert bits(arrays[k].numpy()) == bits(ref_arrays[k].numpy()), k
@@ -171,9 +171,10 @@ def test_raw_is_bit_exact_for_every_dtype_and_smaller_on_the_wire(task_identity)
         assert t.codec == "raw"
 
 
-def test_a_compressed_record_is_one_payload_plus_a_config_record(task_identity):
+def test_a_compressed_record_is_one_payload_and_nothing_the_server_knows(task_identity):
     """Uplink layout: one gradcodec payload (float updates, integer values), the Arrays gradcodec cannot
-    carry as they are, and next to the record a ConfigRecord that says how to rebuild it."""
+    carry as they are; no ConfigRecord when the reply keeps the reference's name and keys, and only the
+    encode time among the metrics."""
     g = model()
     contexts = {1: new_context(1), 2: new_context(2)}
     wrapper = CompressedStrategy(fedavg(2))
@@ -181,16 +182,17 @@ def test_a_compressed_record_is_one_payload_plus_a_config_record(task_identity):
     for msg in send(wrapper.configure_train(1, g, ConfigRecord(), FakeGrid(contexts))):
         node = msg.metadata.dst_node_id
         reply = gradcodec_mod("int8")(msg, contexts[node], make_app())
-        record, meta = reply.content["arrays"], reply.content[META_PREFIX + "arrays"]
+        record = reply.content["arrays"]
         assert list(record.keys()) == [RECORD_KEY, "wide"] and record[RECORD_KEY].stype == STYPE
-        assert dict(meta) == {"ref": "arrays"}  # the reply has the keys of the reference, in order: not sent
-        payload = gradcodec.decode(record[RECORD_KEY].data)
+        assert META_PREFIX + "arrays" not in reply.content  # same name and keys as the reference: nothing to say
+        assert [k for m in reply.content.metric_records.values() for k in m if k.startswith("gradcodec.")] == ["gradcodec.encode-s"]
+        payload = gradcodec.decode(record[RECORD_KEY].data)  # a partial update: self-describing
         assert list(payload) == ["w", "scale", "half", "double", "steps", "mask"]  # "b", "empty", "codes" unchanged
         assert {payload[k].dtype for k in ("w", "scale", "half", "double")} == {torch.float32}  # updates
         assert bits(payload["steps"].numpy()) == bits(local_update(arrays_of(g), node)["steps"])  # values
         replies.append(wire(reply))
     node_2 = next(r for r in replies if r.metadata.src_node_id == 2)  # Flower samples nodes in random order
-    del node_2.content[META_PREFIX + "arrays"]  # without its ConfigRecord a record cannot be rebuilt
+    node_2.content[META_PREFIX + "arrays"] = ConfigRecord({"ref": "elsewhere"})  # a reference never sent
     wrapper.aggregate_train(1, replies)
     assert set(wrapper.history[1].uplink) == {1} and "CorruptPayload" in wrapper.history[1].dropped[2]
 
@@ -203,6 +205,28 @@ def test_lossless_update_falls_back_to_values_where_float_rounding_cannot_rebuil
     wrapper = CompressedStrategy(fedavg(1))
     (arrays, _), _ = run_round(wrapper, g, make_app(lambda r, n: {"x": target}), gradcodec_mod("raw"), {5: new_context(5)})
     assert bits(arrays["x"].numpy()) == bits(target)
+
+
+def test_a_full_update_names_its_layout_by_reference_and_a_changed_reference_is_refused(task_identity):
+    """When every key moves, the payload carries no names, dtypes or shapes (the server rebuilds them
+    from the arrays it sent); decoded against arrays of another shape it is dropped, never misread."""
+    g = ArrayRecord({"layer.lora_A": Array(np.zeros((4, 8), np.float32)), "layer.lora_B": Array(np.ones((8, 4), np.float16))})
+    moved = {"layer.lora_A": np.full((4, 8), 0.5, np.float32), "layer.lora_B": np.full((8, 4), 2.0, np.float16)}
+    wrapper = CompressedStrategy(fedavg(1))
+    (arrays, _), (reply,) = run_round(wrapper, g, make_app(lambda r, n: moved), gradcodec_mod("int8"), {1: new_context(1)})
+    np.testing.assert_allclose(arrays["layer.lora_A"].numpy(), moved["layer.lora_A"], atol=1e-6)
+    np.testing.assert_array_equal(arrays["layer.lora_B"].numpy(), moved["layer.lora_B"])
+
+    contexts = {1: new_context(1)}
+    msg = send(wrapper.configure_train(2, g, ConfigRecord(), FakeGrid(contexts)))[0]
+    reply = wire(gradcodec_mod("int8")(msg, contexts[1], make_app(lambda r, n: moved)))
+    blob = reply.content["arrays"][RECORD_KEY].data
+    info = gradcodec.inspect(blob, layout={"layer.lora_A": torch.zeros(4, 8), "layer.lora_B": torch.zeros(8, 4)})
+    assert info.by_reference and "layer" not in blob.decode("latin-1")  # no names on the wire
+    other = ArrayRecord({"layer.lora_A": Array(np.zeros((8, 4), np.float32)), "layer.lora_B": Array(np.ones((8, 4), np.float16))})
+    wrapper._sent = [(msg, RecordDict({"arrays": other}))]  # as if the server had sent another shape
+    wrapper.aggregate_train(2, [reply])
+    assert "LayoutMismatch" in wrapper.history[2].dropped[1]
 
 
 def test_keys_order_dropped_and_new_arrays_are_restored(task_identity):
@@ -494,7 +518,7 @@ def train_linear(msg: Message, context: Context) -> Message:
 
 plain_client = ClientApp()
 plain_client.train()(train_linear)
-compressed_client = ClientApp(mods=[gradcodec_mod("int8", error_feedback=True, seed=0)])  # the one change
+compressed_client = ClientApp(mods=[gradcodec_mod("int8", error_feedback=True, seed=0, measure=True)])  # the one change
 compressed_client.train()(train_linear)
 
 
