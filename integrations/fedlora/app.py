@@ -351,9 +351,10 @@ def _run_codec(grid: Grid, cfg: FedTrainConfig, spec: str, partitions: dict[int,
     strategy = CompressedStrategy(fedavg, downlink_codec=cfg.downlink_codec or None, uplink_codec=spec)
     bar = tqdm(total=cfg.rounds, desc=spec, unit="round", disable=not cfg.progress, leave=True)
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        record: dict[str, Any] = {"codec": spec, "round": server_round, "error_feedback": feedback,
-                                  **evaluator(_to_state(arrays), initial=server_round == 0)}
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        record: dict[str, Any] = {"codec": spec, "round": server_round, "error_feedback": feedback}
+        if cfg.evaluates(server_round):
+            record.update(evaluator(_to_state(arrays), initial=server_round == 0))
         if server_round > 0:
             info = fedavg.rounds.get(server_round, {})
             stats = strategy.history.get(server_round)
@@ -365,12 +366,15 @@ def _run_codec(grid: Grid, cfg: FedTrainConfig, spec: str, partitions: dict[int,
             record["failed"] = sorted(fedavg.node_partition.get(n, -1) for n in dropped)
             record["round_s"] = time.perf_counter() - info.get("started", time.perf_counter())
             bar.update(1)
-            bar.set_postfix_str(f"eval loss {record['eval_loss']:.3f} acc {record['eval_accuracy']:.1%} "
-                                f"up {(record['uplink_message_bytes'] or 0) / 1e3:.1f} kB")
+            if "eval_loss" in record:
+                bar.set_postfix_str(f"eval loss {record['eval_loss']:.3f} acc {record['eval_accuracy']:.1%} "
+                                    f"up {(record['uplink_message_bytes'] or 0) / 1e3:.1f} kB")
             if record["uncompressed_replies"]:
                 log(logging.WARNING, "%s: %d replies of round %d were not compressed (the clients could not encode "
                     "with this codec; see their logs)", spec, record["uncompressed_replies"], server_round)
         write(record)
+        if "eval_loss" not in record:
+            return None
         return MetricRecord({"eval-loss": record["eval_loss"], "eval-accuracy": record["eval_accuracy"]})
 
     try:

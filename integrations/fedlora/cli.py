@@ -91,7 +91,7 @@ def run_fedtrain(args: argparse.Namespace) -> int:
         print(to_toml(cfg), end="")
         return 0
     from .app import client_features, load_model, split_data
-    from .run import simulate
+    from .run import simulate, simulate_seeds
 
     if args.prepare:
         t0 = time.perf_counter()
@@ -101,6 +101,19 @@ def run_fedtrain(args: argparse.Namespace) -> int:
         print(f"model and data ready in {time.perf_counter() - t0:.0f} s")
         return 0
     t0 = time.perf_counter()
+    if cfg.seed_list:
+        from . import paired
+
+        results, rows = simulate_seeds(cfg, verbose=args.verbose)
+        curves = {s: [r["eval_loss"] for r in sorted(res.records, key=lambda r: r["round"])
+                      if r["codec"] == "raw" and r["round"] > 0 and "eval_loss" in r] for s, res in results.items()}
+        moved = paired.convergence(curves)
+        print(f"\n{paired.format_table(rows)}\n")
+        print("raw's eval loss over its last 5 rounds moved by " + ", ".join(f"{100 * v:.2f} %" for v in moved.values())
+              + " (seeds " + ", ".join(map(str, moved)) + ")")
+        print(f"{len(rows)} codec(s) x {len(results)} seeds x {cfg.rounds} rounds in {time.perf_counter() - t0:.0f} s; "
+              f"per-seed runs in {cfg.out_dir}/seed-*/, paired.json, paired.md and rate-distortion.png in {cfg.out_dir}/")
+        return 0
     result = simulate(cfg, verbose=args.verbose)
     print(f"\n{result.table()}\n")
     print(f"{len(result.rows)} codec(s) x {cfg.rounds} rounds, {cfg.num_clients} clients, in {time.perf_counter() - t0:.0f} s; "

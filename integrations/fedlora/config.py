@@ -52,7 +52,8 @@ class FedTrainConfig:
     # ---- data
     data: str = _opt("", "Alpaca/Dolly JSON or JSONL file (empty: the generated task suite)")
     train_examples: int = _opt(2000, "generated suite: examples split across clients")
-    eval_examples: int = _opt(140, "held-out examples the server evaluates the global adapter on each round")
+    eval_examples: int = _opt(140, "held-out examples the server evaluates the global adapter on")
+    eval_every: int = _opt(1, "evaluate every k-th round, and each of the last 5 (1: every round)")
     max_length: int = _opt(128, "tokens per example (longer ones are cut)")
     eval_max_new_tokens: int = _opt(8, "greedy answer length for exact-match accuracy (generated answers fit in 8)")
     num_clients: int = _opt(10, "clients (data partitions; SuperNodes in simulation)")
@@ -66,6 +67,7 @@ class FedTrainConfig:
     lr: float = _opt(3e-3, "local learning rate")
     batch_size: int = _opt(16, "local batch size")
     seed: int = _opt(0, "seed of client sampling, local batches and stochastic codecs")
+    seeds: str = _opt("", "paired comparison: run every codec once per seed (e.g. 0,1,2; each sets seed and lora_seed) and report paired 95 %% CIs vs raw")
     # ---- compression
     codecs: tuple[str, ...] = _opt(("int8",), "uplink codec specs, run one after the other on the same data")
     error_feedback: bool = _opt(True, "clients keep error-feedback residuals for lossy codecs")
@@ -91,7 +93,7 @@ class FedTrainConfig:
         if self.dtype not in ("float32", "bfloat16"):
             problems.append(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         for name in ("lora_rank", "rounds", "num_clients", "batch_size", "max_length", "train_examples", "eval_max_new_tokens",
-                     "tgap_rounds"):
+                     "tgap_rounds", "eval_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.local_steps < 1 and not self.local_epochs > 0:
@@ -106,6 +108,13 @@ class FedTrainConfig:
             problems.append(f"codecs must be a non-empty list of codec specs, got {self.codecs!r}")
         if not self.targets:
             problems.append("lora_targets names no layer")
+        try:
+            seeds = self.seed_list
+        except ValueError:
+            seeds = ()
+            problems.append(f"seeds must be comma-separated integers such as 0,1,2, got {self.seeds!r}")
+        if len(set(seeds)) != len(seeds):
+            problems.append(f"seeds repeat a seed: {self.seeds!r}")
         if problems:
             raise ValueError("invalid fedtrain configuration: " + "; ".join(problems))
 
@@ -114,6 +123,15 @@ class FedTrainConfig:
     @property
     def targets(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+    @property
+    def seed_list(self) -> tuple[int, ...]:
+        """The seeds of a paired comparison (empty: one run at `seed`)."""
+        return tuple(int(s) for s in self.seeds.replace(";", ",").split(",") if s.strip())
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether the server evaluates the global adapter after `server_round` (0: the initial one)."""
+        return server_round % self.eval_every == 0 or server_round > self.rounds - 5
 
     def clients_per_round(self, available: int | None = None) -> int:
         """How many of `available` (default num_clients) clients a round samples."""

@@ -4,13 +4,14 @@ Files in the run's `out_dir`:
 
 * `rounds.jsonl`: one JSON object per (codec, round), written as each round ends. Round 0 is the
   initial adapter's evaluation (no traffic). Keys: `codec`, `round`, `error_feedback`, `eval_loss`, `eval_accuracy`,
-  `eval_categories` ({category: {loss, accuracy, num_examples}}), `train_loss` (clients' mean local loss,
+  `eval_categories` ({category: {loss, accuracy, num_examples}}) and `eval_s` (on the rounds the server
+  evaluates: `eval_every`, the last 5 and round 0), `train_loss` (clients' mean local loss,
   weighted by examples), `sampled` / `aggregated` / `failed` (partition ids), `dropped` (partition id ->
   why its reply was not aggregated), the uplink and downlink bytes of the round summed over clients —
   `*_message_bytes` (what Flower carries, measured by `CompressedStrategy`), `*_uncompressed_message_bytes`
   (the same messages without compression), `*_payload_bytes` (the codec's payloads) —,
   `uncompressed_replies` (replies the client could not compress), `encode_s` (clients' encoding time,
-  summed), `decode_s` (the server's), `round_s` and `eval_s` (wall time).
+  summed), `decode_s` (the server's), `round_s` (wall time).
 * `summary.json`: the configuration, the table's rows and the total wall time.
 * `table.md` and `compare.png`: the table below and the plot of eval loss vs round and vs cumulative
   uplink bytes, one line per codec.
@@ -166,11 +167,14 @@ def plot(records: Sequence[Record], path: str | os.PathLike, title: str = "") ->
     fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.2))
     for codec, recs in by_codec.items():
         recs = sorted(recs, key=lambda r: r["round"])
-        (line,) = by_round.plot([r["round"] for r in recs], [r["eval_loss"] for r in recs], marker="o", ms=3, label=codec_label(codec))
+        evaluated = [r for r in recs if "eval_loss" in r]
+        (line,) = by_round.plot([r["round"] for r in evaluated], [r["eval_loss"] for r in evaluated], marker="o", ms=3,
+                                label=codec_label(codec))
         trained = [r for r in recs if r["round"] > 0]
         sent = [r["uplink_message_bytes"] or 0 for r in trained]
         cumulative = [sum(sent[: i + 1]) for i in range(len(sent))]
-        by_bytes.plot(cumulative, [r["eval_loss"] for r in trained], marker="o", ms=3, color=line.get_color(), label=codec_label(codec))
+        points = [(c, r["eval_loss"]) for c, r in zip(cumulative, trained) if "eval_loss" in r]
+        by_bytes.plot(*zip(*points), marker="o", ms=3, color=line.get_color(), label=codec_label(codec))
     by_round.set(xlabel="round", ylabel="eval loss (held-out, per response token)", title="eval loss vs round")
     by_bytes.set(xlabel="cumulative uplink bytes (Flower messages, all clients)", xscale="log", title="eval loss vs uplink traffic")
     for ax in (by_round, by_bytes):

@@ -148,3 +148,27 @@ def simulate(cfg: FedTrainConfig, verbose: bool = False) -> FedTrainResult:
         raise RuntimeError("the simulation ended without a result; see the errors above")
     results[0].wall_s = time.perf_counter() - t0
     return results[0]
+
+
+def simulate_seeds(cfg: FedTrainConfig, verbose: bool = False) -> tuple[dict[int, FedTrainResult], list[dict]]:
+    """The paired comparison of `cfg.seeds`: `simulate` once per seed (seed and lora_seed set to it; the
+    data and held-out set stay those of `data_seed`), each in `out_dir/seed-<s>/`, then the paired
+    analysis against raw (paired.py) in `out_dir`. A learned codec's AE is trained once, by the TGAP
+    pilot of the first seed, and serves every seed. Returns the per-seed results and the table's rows.
+    """
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from . import paired
+
+    t0 = time.perf_counter()
+    cfg = prepare_codecs(cfg.replace(seed=cfg.seed_list[0], lora_seed=cfg.seed_list[0]))
+    results: dict[int, FedTrainResult] = {}
+    for seed in cfg.seed_list:
+        print(f"seed {seed} ({len(results) + 1} of {len(cfg.seed_list)})", flush=True)
+        results[seed] = simulate(cfg.replace(seed=seed, lora_seed=seed, out_dir=str(Path(cfg.out_dir) / f"seed-{seed}")),
+                                 verbose)
+    rows = paired.write(results, cfg.out_dir, asdict(cfg), time.perf_counter() - t0,
+                        title=f"{cfg.model} · LoRA r={cfg.lora_rank} on {len(cfg.targets)} projections · {cfg.num_clients} "
+                              f"clients, {cfg.clients_per_round()} per round · {cfg.rounds} rounds · seeds {cfg.seeds}")
+    return results, rows

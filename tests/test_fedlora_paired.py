@@ -1,0 +1,91 @@
+"""The paired comparison's statistics, against hand-computed values."""
+import json
+import math
+
+import pytest
+
+from gradcodec.integrations.fedlora import paired
+from gradcodec.integrations.fedlora.config import FedTrainConfig
+from gradcodec.integrations.fedlora.report import FedTrainResult
+
+
+def test_mean_ci_matches_a_hand_computed_paired_t_interval():
+    # values 1, 2, 3, 6: mean 3, sample sd sqrt(((4 + 1 + 0 + 9) / 3)) = sqrt(14/3), t(0.975, 3) = 3.182
+    mean, lo, hi = paired.mean_ci([1.0, 2.0, 3.0, 6.0])
+    half = 3.182 * math.sqrt(14 / 3) / 2
+    assert mean == 3.0 and lo == pytest.approx(3 - half) and hi == pytest.approx(3 + half)
+
+
+def test_one_seed_has_no_interval():
+    assert paired.mean_ci([0.5]) == (0.5, -math.inf, math.inf)
+
+
+@pytest.mark.parametrize("loss, acc, expected", [
+    ((-0.004, 0.006), (-0.8, 0.9), "within 1 %"),
+    ((-0.004, 0.012), (-0.8, 0.9), "inconclusive"),   # the loss CI reaches past +1 %
+    ((-0.004, 0.006), (-1.2, 0.9), "inconclusive"),   # the accuracy CI reaches past -1 pt
+    ((0.002, 0.03), (-0.5, 0.5), "worse"),            # significantly higher loss
+    ((-0.02, 0.02), (-3.0, -0.1), "worse"),           # significantly lower accuracy
+    ((-0.03, -0.015), (-0.5, 2.0), "better"),
+    ((0.002, 0.008), (-0.5, 0.5), "within 1 %"),      # significant but inside the tolerance
+])
+def test_verdict(loss, acc, expected):
+    assert paired.verdict(loss, acc) == expected
+
+
+def _figures(loss: dict, acc: dict, wire: float, payload: float) -> dict:
+    return {s: {"eval_loss": loss[s], "eval_accuracy": acc[s], "wire_bytes_per_round": wire, "payload_bytes_per_client": payload,
+                "encode_ms_per_reply": 1.0, "decode_ms_per_reply": 1.0, "seconds": 10.0} for s in loss}
+
+
+def test_analyse_pairs_each_codec_with_raw_on_the_same_seed():
+    raw = _figures({0: 1.0, 1: 2.0, 2: 4.0}, {0: 0.5, 1: 0.4, 2: 0.3}, 1e6, 4e5)
+    # the codec is exactly 0.5 % worse on every seed: the paired CI collapses to that value, although
+    # the losses themselves spread over a factor of 4 between seeds
+    codec = _figures({0: 1.005, 1: 2.01, 2: 4.02}, {0: 0.5, 1: 0.4, 2: 0.3}, 1e4, 2e3)
+    rows = {r["codec"]: r for r in paired.analyse({"raw": raw, "c": codec})}
+    c = rows["c"]
+    assert c["rel_loss_diff"] == pytest.approx(0.005)
+    assert c["rel_loss_diff_ci"] == pytest.approx([0.005, 0.005])
+    assert c["wire_ratio"] == pytest.approx(100.0) and c["payload_ratio"] == pytest.approx(200.0)
+    assert c["verdict"] == "within 1 %" and rows["raw"]["verdict"] == "baseline"
+    assert c["eval_loss"] == pytest.approx((1.005 + 2.01 + 4.02) / 3)
+
+
+def test_analyse_needs_raw():
+    with pytest.raises(ValueError, match="raw"):
+        paired.analyse({"int8": _figures({0: 1.0}, {0: 0.5}, 1, 1)})
+
+
+def test_convergence_is_the_spread_of_the_last_five_rounds_over_the_final():
+    curve = [2.0, 1.0, 0.80, 0.81, 0.79, 0.80, 0.80]
+    assert paired.convergence({0: curve}) == {0: pytest.approx((0.81 - 0.79) / 0.80)}
+
+
+def test_write_leaves_every_per_seed_figure_to_recompute_the_cis(tmp_path):
+    def result(seed, raw_loss, c_loss):
+        rows = [{"codec": c, "eval_loss": l, "eval_accuracy": 0.5, "uplink_bytes_per_round": w,
+                 "uplink_payload_bytes_per_reply": w / 2, "encode_ms_per_reply": 1.0, "decode_ms_per_reply": 1.0, "seconds": 1.0}
+                for c, l, w in (("raw", raw_loss, 1e6), ("int8", c_loss, 2.5e5))]
+        records = [{"codec": "raw", "round": r, "eval_loss": raw_loss} for r in (1, 2)]
+        return FedTrainResult(config={}, records=records, rows=rows)
+
+    results = {0: result(0, 1.0, 1.001), 1: result(1, 1.2, 1.199)}
+    rows = paired.write(results, tmp_path, {"seeds": "0,1"}, 12.0)
+    data = json.loads((tmp_path / "paired.json").read_text())
+    assert data["per_seed"]["int8"]["1"]["eval_loss"] == 1.199
+    diffs = [(data["per_seed"]["int8"][s]["eval_loss"] - data["per_seed"]["raw"][s]["eval_loss"]) / data["per_seed"]["raw"][s]["eval_loss"]
+             for s in ("0", "1")]
+    assert next(r for r in rows if r["codec"] == "int8")["rel_loss_diff_ci"] == pytest.approx(list(paired.mean_ci(diffs)[1:]))
+    assert (tmp_path / "paired.md").read_text().startswith("| codec |")
+    assert (tmp_path / "rate-distortion.png").stat().st_size > 1000
+
+
+def test_seeds_and_eval_schedule_settings():
+    cfg = FedTrainConfig(seeds="0, 1,2", rounds=12, eval_every=4)
+    assert cfg.seed_list == (0, 1, 2)
+    assert [r for r in range(13) if cfg.evaluates(r)] == [0, 4, 8, 9, 10, 11, 12]
+    with pytest.raises(ValueError, match="seeds"):
+        FedTrainConfig(seeds="0,x")
+    with pytest.raises(ValueError, match="repeat"):
+        FedTrainConfig(seeds="1,1")
