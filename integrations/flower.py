@@ -107,7 +107,7 @@ from flwr.supercore import log
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 
 import gradcodec
-from gradcodec.errors import CorruptPayload, GradcodecError, ModelMismatch
+from gradcodec.errors import CorruptPayload, GradcodecError, InvalidInput, ModelMismatch
 from gradcodec.learned import LearnedModel, load_model
 
 __all__ = [
@@ -131,6 +131,7 @@ METRICS_RECORD = "__gradcodec__"  # MetricRecord the mod adds when the reply has
 METRIC_PREFIX = "gradcodec."
 STATE_PREFIX = "gradcodec:"  # context.state keys: "gradcodec:<canonical spec>:<record name>"
 COUNTER_KEY = "gradcodec:calls"  # context.state ConfigRecord counting compressed replies (seeding)
+ROUNDS_KEY = "gradcodec:rounds"  # context.state ConfigRecord: state key -> the server round it was last used in
 
 _VERSION = 1  # handshake protocol version
 _NUMPY_STYPE = "numpy.ndarray"
@@ -327,7 +328,7 @@ def _reference(ref: Mapping[str, Array], key: str, shape: tuple[int, ...], cache
 
 
 def gradcodec_mod(codec: str = "int8", error_feedback: bool = True, seed: int | None = None, *,
-                  models: Sequence[str | LearnedModel] = (), measure: bool = False) -> Mod:
+                  models: Sequence[str | LearnedModel] = (), measure: bool = False, residual_decay: float = 1.0) -> Mod:
     """A ClientApp mod that compresses TRAIN replies for a `CompressedStrategy` server.
 
     codec: the gradcodec spec for the update ("int8", "int4", "topk:ratio=0.01|int8|zstd", "raw", ...);
@@ -338,6 +339,9 @@ def gradcodec_mod(codec: str = "int8", error_feedback: bool = True, seed: int | 
         without every round drawing the same random numbers.
     models: learned-codec model files (or loaded models) the server may ask for by fingerprint; the
         model of `codec` itself (``"cgfed:model=ae.safetensors"``) is always one of them.
+    residual_decay: under partial participation a client's residual waits for its next round; it is
+        multiplied by ``residual_decay ** missed_rounds`` first (1: keep it whole, 0: drop it; the
+        server's round number comes with the handshake).
     measure: also report ``gradcodec.payload-bytes``, ``gradcodec.uncompressed-bytes``,
         ``gradcodec.message-bytes`` and ``gradcodec.uncompressed-message-bytes`` (for a server without
         `CompressedStrategy`, which measures all four itself; off by default: they cost reply bytes).
@@ -347,6 +351,8 @@ def gradcodec_mod(codec: str = "int8", error_feedback: bool = True, seed: int | 
     measure, to the reply's MetricRecord (or to a MetricRecord ``"__gradcodec__"`` when the reply has
     not exactly one); the server wrapper removes it again.
     """
+    if not 0.0 <= residual_decay <= 1.0:
+        raise InvalidInput(f"residual_decay must be in [0, 1], got {residual_decay}")
     own = gradcodec.get_codec(codec)  # fail on a bad spec when the app is built, not mid-run
     known = _learned_models(own, models)
     default = (own.spec, own.model.fingerprint.hex() if own.model is not None else "")
@@ -370,11 +376,12 @@ def gradcodec_mod(codec: str = "int8", error_feedback: bool = True, seed: int | 
             return reply
         try:
             model = _model_with(fingerprint, known) if fingerprint else None
-            return _compress_reply(reply, received, exact, spec, model, error_feedback, seed, context, measure)
+            feedback = _Feedback(error_feedback, residual_decay, request.get("round"))
+            return _compress_reply(reply, received, exact, spec, model, feedback, seed, context, measure)
         except GradcodecError as e:
             # E.g. NaN/Inf in the update. Send what the app made, and forget this codec's saved state
             # (residuals) so that stale state cannot make every later round fail too.
-            for key in [k for k in context.state if k.startswith(STATE_PREFIX) and k != COUNTER_KEY]:
+            for key in [k for k in context.state if k.startswith(STATE_PREFIX) and k not in (COUNTER_KEY, ROUNDS_KEY)]:
                 del context.state[key]
             log(logging.WARNING, "gradcodec_mod: could not compress the reply (%s); sending it uncompressed", e)
             return reply
@@ -474,13 +481,42 @@ def _split(record: ArrayRecord, ref: Mapping[str, Array], codec, exact: bool) ->
     return tensors, as_is
 
 
+@dataclass
+class _Feedback:
+    """The mod's error-feedback settings for one reply: on/off, the decay of stale residuals, the round."""
+
+    on: bool
+    decay: float = 1.0
+    server_round: Any = None
+
+    def age(self, codec, state_key: str, context: Context) -> None:
+        """Scale the residuals of `codec` by decay ** (rounds this client missed since it last sent)."""
+        if not isinstance(codec, gradcodec.ErrorFeedback) or not isinstance(self.server_round, int):
+            return
+        rounds = context.state.get(ROUNDS_KEY)
+        last = rounds.get(state_key) if isinstance(rounds, ConfigRecord) else None
+        missed = self.server_round - last - 1 if isinstance(last, int) else 0
+        if missed > 0 and self.decay < 1.0:
+            for r in codec.residuals.values():
+                r.mul_(self.decay**missed)
+
+    def commit(self, state_keys: Iterable[str], context: Context) -> None:
+        if not isinstance(self.server_round, int):
+            return
+        rounds = context.state.get(ROUNDS_KEY)
+        rounds = ConfigRecord(dict(rounds)) if isinstance(rounds, ConfigRecord) else ConfigRecord()
+        for key in state_keys:
+            rounds[key] = self.server_round
+        context.state[ROUNDS_KEY] = rounds
+
+
 def _compress_reply(
     reply: Message,
     received: dict[str, dict[str, Array]],
     exact: set[str],
     spec: str,
     model: LearnedModel | None,
-    error_feedback: bool,
+    feedback: _Feedback,
     seed: int | None,
     context: Context,
     measure: bool,
@@ -498,9 +534,10 @@ def _compress_reply(
         if not isinstance(rec, ArrayRecord) or is_gradcodec_record(rec) or ref_name is None:
             new[name] = rec
             continue
-        codec, lossless = _codec_for(spec, model, error_feedback, seed, context)
+        codec, lossless = _codec_for(spec, model, feedback.on, seed, context)
         state_key = f"{STATE_PREFIX}{codec.spec}:{name}"
         _load_state(codec, context.state.get(state_key), rec)
+        feedback.age(codec, state_key, context)
         # Bit-exact rebuilding is only possible (and checked) against a reference the server holds as is.
         tensors, as_is = _split(rec, received[ref_name], codec, lossless and ref_name in exact)
         # The server holds the reference: a payload of the full update names its layout by fingerprint.
@@ -524,6 +561,7 @@ def _compress_reply(
             context.state[key] = ArrayRecord({k: _to_array(v) for k, v in state.items()})
         else:
             context.state.pop(key, None)
+    feedback.commit(states, context)
     for name, meta in metas.items():
         new[name] = meta
     reply.content = new
@@ -683,7 +721,7 @@ class CompressedStrategy(Strategy):
             node = msg.metadata.dst_node_id
             before = message_nbytes(msg, size_cache) if self.measure else None
             if id(original) not in converted:
-                converted[id(original)] = self._prepare(original)
+                converted[id(original)] = self._prepare(original, server_round)
             new, template = converted[id(original)]
             msg.content = new
             stats.downlink[node] = Transfer(
@@ -698,7 +736,7 @@ class CompressedStrategy(Strategy):
             self._sent.append((msg, original))
         return messages
 
-    def _prepare(self, original: RecordDict) -> tuple[RecordDict, Transfer]:
+    def _prepare(self, original: RecordDict, server_round: int) -> tuple[RecordDict, Transfer]:
         """The content to send instead of `original`: the handshake added, arrays compressed if asked."""
         t0 = time.perf_counter()
         new = RecordDict()
@@ -718,7 +756,7 @@ class CompressedStrategy(Strategy):
             new[name] = rec
         for name, meta in metas.items():
             new[name] = meta
-        handshake = {"v": _VERSION, "uplink": self.uplink_codec or ""}
+        handshake = {"v": _VERSION, "uplink": self.uplink_codec or "", "round": server_round}
         if self.uplink_model:
             handshake["uplink-model"] = self.uplink_model
         new[HANDSHAKE_KEY] = ConfigRecord(handshake)

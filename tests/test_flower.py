@@ -229,6 +229,27 @@ def test_a_full_update_names_its_layout_by_reference_and_a_changed_reference_is_
     assert "LayoutMismatch" in wrapper.history[2].dropped[1]
 
 
+@pytest.mark.parametrize("decay", [1.0, 0.5, 0.0])
+def test_a_stale_residual_is_decayed_by_the_rounds_its_client_missed(task_identity, decay):
+    """Sampled in round 1, then in round 4: before encoding, the residual is scaled by decay**2; with
+    no new update, what round 4 sends plus what it keeps back is exactly that scaled residual."""
+    g = ArrayRecord({"x": Array(np.zeros(256, np.float32))})
+    rng = np.random.default_rng(0)
+    moved = (rng.standard_normal(256) * np.logspace(-3, 0, 256)).astype(np.float32)
+    wrapper, ctx = CompressedStrategy(fedavg(1)), new_context(1)
+    mod = gradcodec_mod("int4", residual_decay=decay)
+    (arrays, _), _ = run_round(wrapper, g, make_app(lambda r, n: {"x": moved}), mod, {1: ctx}, 1)
+    state_key = next(k for k in ctx.state if k.startswith("gradcodec:int4"))
+    before = ctx.state[state_key]["residual.x"].numpy().copy()
+    assert np.abs(before).max() > 0
+    g4 = ArrayRecord({"x": Array(arrays["x"].numpy())})
+    (arrays4, _), _ = run_round(wrapper, g4, make_app(lambda r, n: {"x": r["x"]}), mod, {1: ctx}, 4)  # no new update
+    sent = arrays4["x"].numpy() - g4["x"].numpy()
+    after = ctx.state[state_key]["residual.x"].numpy() if state_key in ctx.state else np.zeros(256, np.float32)
+    np.testing.assert_allclose(sent + after, decay**2 * before, atol=5e-7)  # float32 rounding of g + update - g
+    assert ctx.state["gradcodec:rounds"][state_key] == 4
+
+
 def test_keys_order_dropped_and_new_arrays_are_restored(task_identity):
     g = model()
 

@@ -167,13 +167,13 @@ def client_train(msg: Message, context: Context, cfg: FedTrainConfig) -> Message
 
 
 @functools.lru_cache(maxsize=8)
-def _gradcodec_mod(codecs: tuple[str, ...], error_feedback: bool, seed: int):
+def _gradcodec_mod(codecs: tuple[str, ...], error_feedback: bool, seed: int, residual_decay: float):
     """The server names the uplink codec of each round (a learned one by its model's fingerprint, so the
     client holds the models of every learned codec of the run); the client's own default is the first."""
     import gradcodec
 
     models = [m for m in (gradcodec.get_codec(spec).model for spec in codecs[1:]) if m is not None]
-    return gradcodec_mod(codecs[0], error_feedback=error_feedback, seed=seed, models=models)
+    return gradcodec_mod(codecs[0], error_feedback=error_feedback, seed=seed, models=models, residual_decay=residual_decay)
 
 
 def _compression_mod(fixed: FedTrainConfig | None):
@@ -181,7 +181,7 @@ def _compression_mod(fixed: FedTrainConfig | None):
 
     def mod(msg: Message, context: Context, call_next):
         cfg = _config_of(fixed, context)
-        return _gradcodec_mod(cfg.codecs, cfg.error_feedback, cfg.seed)(msg, context, call_next)
+        return _gradcodec_mod(cfg.codecs, cfg.error_feedback, cfg.seed, cfg.residual_decay)(msg, context, call_next)
 
     return mod
 

@@ -71,6 +71,7 @@ class FedTrainConfig:
     # ---- compression
     codecs: tuple[str, ...] = _opt(("int8",), "uplink codec specs, run one after the other on the same data")
     error_feedback: bool = _opt(True, "clients keep error-feedback residuals for lossy codecs")
+    residual_decay: float = _opt(1.0, "a residual is scaled by this per round its client was not sampled (1: keep, 0: drop)")
     downlink_codec: str = _opt("", "also compress the global adapter sent to clients (e.g. bf16; empty: none)")
     cgfed_model: str = _opt("", "AutoEncoder file for cgfed entries without model= (default: TGAP trains one)")
     cgfed_ratio: str = _opt("1/64", "cgfed without a model file: the AE's latent / canvas ratio TGAP trains")
@@ -100,6 +101,8 @@ class FedTrainConfig:
             problems.append(f"need local_steps >= 1 or local_epochs > 0, got {self.local_steps} and {self.local_epochs}")
         if not 0 < self.fraction <= 1:
             problems.append(f"fraction must be in (0, 1], got {self.fraction}")
+        if not 0 <= self.residual_decay <= 1:
+            problems.append(f"residual_decay must be in [0, 1], got {self.residual_decay}")
         if not self.dirichlet_alpha > 0 or not self.lr > 0:
             problems.append(f"dirichlet_alpha and lr must be > 0, got {self.dirichlet_alpha} and {self.lr}")
         if self.eval_examples < 1:
