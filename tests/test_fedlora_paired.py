@@ -89,3 +89,12 @@ def test_seeds_and_eval_schedule_settings():
         FedTrainConfig(seeds="0,x")
     with pytest.raises(ValueError, match="repeat"):
         FedTrainConfig(seeds="1,1")
+
+
+def test_cosine_lr_schedule():
+    cfg = FedTrainConfig(lr=2e-3, rounds=4, lr_schedule="cosine")
+    assert [cfg.lr_at(r) for r in (1, 2, 3, 4)] == pytest.approx([2e-3, 1e-3 * (1 + math.cos(math.pi / 4)), 1e-3,
+                                                                  1e-3 * (1 + math.cos(3 * math.pi / 4))])
+    assert FedTrainConfig(lr=2e-3).lr_at(7) == 2e-3
+    with pytest.raises(ValueError, match="lr_schedule"):
+        FedTrainConfig(lr_schedule="step")

@@ -158,7 +158,7 @@ def client_train(msg: Message, context: Context, cfg: FedTrainConfig) -> Message
     peft.load_lora_state(model, _to_state(msg.content["arrays"]))
     length = {"epochs": cfg.local_epochs} if cfg.local_epochs > 0 else {"steps": cfg.local_steps}
     t0 = time.perf_counter()
-    stats = local_train(model, features, tokenizer, **length, lr=cfg.lr, batch_size=cfg.batch_size,
+    stats = local_train(model, features, tokenizer, **length, lr=cfg.lr_at(server_round), batch_size=cfg.batch_size,
                         seed=cfg.seed * 1_000_003 + server_round * 1009 + partition, max_length=cfg.max_length,
                         progress=cfg.progress)
     metrics = MetricRecord({"num-examples": stats["num_examples"], "train-loss": stats["loss"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import tomllib
@@ -64,7 +65,8 @@ class FedTrainConfig:
     fraction: float = _opt(0.2, "fraction of clients sampled each round (at least one)")
     local_steps: int = _opt(20, "local AdamW steps per round (ignored when local_epochs > 0)")
     local_epochs: float = _opt(0.0, "local epochs per round over the client's data (0: use local_steps)")
-    lr: float = _opt(3e-3, "local learning rate")
+    lr: float = _opt(3e-3, "local learning rate (of round 1 with lr_schedule cosine)")
+    lr_schedule: str = _opt("constant", "local learning rate over rounds: constant, or cosine (decays to ~0 by the last round)")
     batch_size: int = _opt(16, "local batch size")
     seed: int = _opt(0, "seed of client sampling, local batches and stochastic codecs")
     seeds: str = _opt("", "paired comparison: run every codec once per seed (e.g. 0,1,2; each sets seed and lora_seed) and report paired 95 %% CIs vs raw")
@@ -101,6 +103,8 @@ class FedTrainConfig:
             problems.append(f"need local_steps >= 1 or local_epochs > 0, got {self.local_steps} and {self.local_epochs}")
         if not 0 < self.fraction <= 1:
             problems.append(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            problems.append(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if not 0 <= self.residual_decay <= 1:
             problems.append(f"residual_decay must be in [0, 1], got {self.residual_decay}")
         if not self.dirichlet_alpha > 0 or not self.lr > 0:
@@ -131,6 +135,13 @@ class FedTrainConfig:
     def seed_list(self) -> tuple[int, ...]:
         """The seeds of a paired comparison (empty: one run at `seed`)."""
         return tuple(int(s) for s in self.seeds.replace(";", ",").split(",") if s.strip())
+
+    def lr_at(self, server_round: int) -> float:
+        """The clients' local learning rate in `server_round` (1-based): cosine goes from lr in round 1
+        to lr * (1 + cos(pi (R-1)/R)) / 2 (about 0.6 % of lr at R = 20) in the last."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        return self.lr * 0.5 * (1 + math.cos(math.pi * (server_round - 1) / self.rounds))
 
     def evaluates(self, server_round: int) -> bool:
         """Whether the server evaluates the global adapter after `server_round` (0: the initial one)."""

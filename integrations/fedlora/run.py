@@ -140,6 +140,9 @@ def simulate(cfg: FedTrainConfig, verbose: bool = False) -> FedTrainResult:
     load_model(cfg)  # pre-train or load the base here, once, before the virtual clients need it
     cfg = prepare_codecs(cfg)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning
+    # Ray runs its workers (the virtual clients: the run's real work) at niceness 15, so any other
+    # process on the machine, even a niced one, takes their CPU; run them at the caller's priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     results: list[FedTrainResult] = []
     with _flower_logging(verbose):
         run_simulation(server_app=make_server_app(cfg, on_result=results.append), client_app=make_client_app(cfg),
