@@ -1,12 +1,14 @@
 """The one dispatch point for gradcodec's kernel ops.
 
 Every op exists as a pure-PyTorch reference (kernels/reference.py: the spec and the CPU path) and,
-for the hot ones, as a Triton kernel (kernels/quant.py, kernels/pack.py, kernels/canvas.py).
-`select_backend` decides per call from the first tensor argument: Triton for CUDA tensors when Triton
-imports, the reference otherwise. The environment variable GRADCODEC_KERNELS forces a choice:
+for the hot ones, as a Triton kernel (kernels/quant.py, kernels/pack.py, kernels/canvas.py); the
+blockwise quantisers also have a CPU fast path (kernels/cpu.py: the reference's chunks on a worker
+pool, bit-identical). `select_backend` decides per call from the first tensor argument: Triton for
+CUDA tensors when Triton imports, otherwise the CPU path where the op has one and the reference
+elsewhere. The environment variable GRADCODEC_KERNELS forces a choice:
 
   GRADCODEC_KERNELS=auto       (default) as above
-  GRADCODEC_KERNELS=reference  always the PyTorch reference
+  GRADCODEC_KERNELS=reference  always the PyTorch reference (no worker pool)
   GRADCODEC_KERNELS=triton     always Triton, also for CPU tensors (with TRITON_INTERPRET=1: how the
                                test suite checks the kernels on machines without a GPU); raises
                                if Triton cannot be imported
@@ -21,7 +23,7 @@ import os
 
 import torch
 
-from . import reference
+from . import cpu, reference
 
 # op name -> module (under gradcodec.kernels) that holds its Triton implementation
 TRITON_MODULES = {
@@ -38,6 +40,7 @@ TRITON_MODULES = {
     "block_encode": "canvas",
     "block_decode": "canvas",
 }
+CPU_OPS = ("quantize_blockwise", "dequantize_blockwise", "quantize_blockwise_feedback")  # in kernels/cpu.py
 BACKENDS = ("auto", "reference", "triton")
 
 
@@ -66,7 +69,8 @@ def _triton_available() -> bool:
 
 
 def select_backend(t: torch.Tensor) -> str:
-    """'triton' or 'reference': the implementation an op called on tensor `t` runs."""
+    """'triton', 'cpu' or 'reference': the implementation an op called on tensor `t` runs ('cpu': kernels/cpu.py
+    for the ops it has, the reference for the others)."""
     choice = requested_backend()
     if choice == "triton":
         if not _triton_available():
@@ -74,7 +78,7 @@ def select_backend(t: torch.Tensor) -> str:
         return "triton"
     if choice == "auto" and t.is_cuda and _triton_available():
         return "triton"
-    return "reference"
+    return "cpu" if choice == "auto" and not t.is_cuda else "reference"
 
 
 def _dispatched(name: str):
@@ -82,8 +86,11 @@ def _dispatched(name: str):
 
     @functools.wraps(ref)
     def op(t: torch.Tensor, *args, **kwargs):
-        if select_backend(t) == "triton":
+        backend = select_backend(t)
+        if backend == "triton":
             return getattr(_triton_module(TRITON_MODULES[name]), name)(t, *args, **kwargs)
+        if backend == "cpu" and name in CPU_OPS:
+            return getattr(cpu, name)(t, *args, **kwargs)
         return ref(t, *args, **kwargs)
 
     return op
