@@ -58,9 +58,8 @@ def test_unknown_preset_and_missing_path_are_explained(tmp_path):
         build_model(str(tmp_path / "no-such-checkpoint"))
     with pytest.raises(ValueError, match="unknown model preset"):
         preset_config("llama-70b")
-    with pytest.raises(ValueError, match="shape-only"):
-        load_tokenizer("llama-7b")
     assert isinstance(load_tokenizer("tiny"), ByteTokenizer)
+    assert isinstance(load_tokenizer("llama-7b"), ByteTokenizer)  # build_model sizes a preset's vocabulary for it
     assert set(PRESETS) >= {"tiny", "llama-7b"}
 
 
@@ -231,7 +230,7 @@ def test_pretrained_base_trains_once_then_loads_from_the_cache(tmp_path, monkeyp
     with pytest.raises(AssertionError, match="trained again"):  # another recipe is another cache entry
         pretrained_base("tiny", cache_dir=tmp_path, recipe=PretrainRecipe(steps=4, batch_size=4, seq_len=32,
                                                                           corpus_examples=60))
-    with pytest.raises(ValueError, match="byte tokenizer"):
+    with pytest.raises(ValueError, match="byte-vocabulary presets.*--no-pretrained"):
         pretrained_base("llama-7b", cache_dir=tmp_path)
 
 

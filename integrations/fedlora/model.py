@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from .dataset import TaskSizes, format_plain, format_prompt, generate_examples, pretraining_windows
-from .presets import PRESETS, preset_config
+from .presets import PRESETS, is_preset, preset_config
 from .tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, HFTokenizer, Tokenizer
 from .train import train_steps
 
@@ -28,7 +28,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 def _is_preset(preset_or_path: str | os.PathLike) -> bool:
     """True for a preset name, False for an existing directory; anything else is an error worth explaining."""
-    if isinstance(preset_or_path, str) and preset_or_path in PRESETS:
+    if is_preset(preset_or_path):
         return True
     if not os.path.isdir(preset_or_path):
         raise ValueError(f"{os.fspath(preset_or_path)!r} is neither a model preset ({', '.join(sorted(PRESETS))}) "
@@ -38,8 +38,9 @@ def _is_preset(preset_or_path: str | os.PathLike) -> bool:
 
 def build_model(preset_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                 gradient_checkpointing: bool = False, seed: int = 0) -> torch.nn.Module:
-    """A `LlamaForCausalLM` from a preset name (weights randomly initialised from `seed`), or the causal-LM
-    checkpoint saved in a local directory (loaded with `local_files_only=True`).
+    """A `LlamaForCausalLM` from a preset name (weights randomly initialised from `seed`, vocabulary sized
+    for the byte tokenizer: `presets.preset_config(name, vocab="byte")`), or the causal-LM checkpoint
+    saved in a local directory (loaded with `local_files_only=True`).
 
     Initialisation does not disturb torch's global random state. `gradient_checkpointing` trades
     compute for activation memory (non-reentrant, so it also works when the base weights are frozen, as
@@ -50,7 +51,7 @@ def build_model(preset_or_path: str | os.PathLike, *, dtype: torch.dtype = torch
     if _is_preset(preset_or_path):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = LlamaForCausalLM(preset_config(preset_or_path)).to(dtype)
+            model = LlamaForCausalLM(preset_config(preset_or_path, vocab="byte")).to(dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(preset_or_path, local_files_only=True, dtype=dtype)
     if gradient_checkpointing:
@@ -59,13 +60,10 @@ def build_model(preset_or_path: str | os.PathLike, *, dtype: torch.dtype = torch
 
 
 def load_tokenizer(preset_or_path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer matching `build_model(preset_or_path)`: the byte tokenizer for a preset sized for it,
-    the checkpoint's own tokenizer for a local directory."""
+    """The tokenizer matching `build_model(preset_or_path)`: the byte tokenizer for a preset (whose
+    vocabulary build_model sizes for it), the checkpoint's own tokenizer for a local directory."""
     if not _is_preset(preset_or_path):
         return HFTokenizer(preset_or_path)
-    if PRESETS[preset_or_path]["vocab_size"] != BYTE_VOCAB_SIZE:
-        raise ValueError(f"preset {preset_or_path!r} has a {PRESETS[preset_or_path]['vocab_size']}-token vocabulary, "
-                         "not the byte tokenizer's; it is for shape-only uses, or load a checkpoint directory")
     return ByteTokenizer()
 
 
@@ -93,7 +91,8 @@ def lora_shapes(preset: str, rank: int = 8, targets: Sequence[str] = LORA_TARGET
     """Shapes of the LoRA A/B tensors `attach_lora` would create on preset `preset`, named as
     `gradcodec.integrations.peft.lora_state` names them, computed from the config without building the model.
 
-    This is how 7B-scale payloads are sized on a machine that cannot hold the model.
+    This is how 7B-scale payloads are sized on a machine that cannot hold the model. Under grouped-query
+    attention k_proj and v_proj map to `num_key_value_heads * head_dim` outputs, fewer than q_proj's.
     """
     config = preset_config(preset)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -170,8 +169,9 @@ def pretrained_base(preset: str = "tiny", cache_dir: str | os.PathLike | None = 
     With the default recipe `tiny` pre-trains in about 3 minutes on a 2-core CPU (docs/results.md).
     """
     if preset not in PRESETS or PRESETS[preset]["vocab_size"] != BYTE_VOCAB_SIZE:
-        raise ValueError(f"pretrained_base needs a preset sized for the byte tokenizer "
-                         f"({', '.join(p for p in PRESETS if PRESETS[p]['vocab_size'] == BYTE_VOCAB_SIZE)}), not {preset!r}")
+        raise ValueError(f"pretrained_base pre-trains only the small byte-vocabulary presets "
+                         f"({', '.join(p for p in PRESETS if PRESETS[p]['vocab_size'] == BYTE_VOCAB_SIZE)}), not {preset!r}; "
+                         "a LLaMA-shape preset runs with random weights (fedtrain --no-pretrained)")
     sample = generate_examples(64, recipe.corpus_seed, sizes=recipe.sizes)
     digest = hashlib.sha256(json.dumps({
         "preset": PRESETS[preset], "seed": seed, "recipe": dataclasses.asdict(recipe), "code": _PRETRAIN_CODE_VERSION,
