@@ -35,7 +35,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "pytest-timeout"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "pytest-timeout", "constriction"],
+        "entropy": ["constriction"],
         "fl": ["transformers", "peft", "flwr[simulation]>=1.42", "tokenizers", "safetensors", "matplotlib"],
     },
     entry_points={"console_scripts": ["gradcodec = gradcodec.cli:main"]},
