@@ -38,6 +38,16 @@ def test_workloads_of_their_own_size_run_once_whatever_the_size_list(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("name,tensors,values", [
+    ("lora7b", 32 * 4 * 2, 32 * 4 * 2 * 8 * 4096),  # LLaMA-2-7B q/k/v/o r8
+    ("lora1b", 16 * 7 * 2, 16 * 16 * (2 * 4096 + 2 * 2560 + 3 * 10240)),  # LLaMA-3.2-1B all-linear r16, GQA k/v
+    ("lora8b", 32 * 7 * 2, 32 * 16 * (2 * 8192 + 2 * 5120 + 3 * 18432)),  # LLaMA-3-8B all-linear r16, GQA k/v
+])
+def test_lora_workloads_have_the_real_adapter_shapes(name, tensors, values):
+    shapes = workloads.lora_workload_shapes(name)
+    assert len(shapes) == tensors and sum(a * b for a, b in shapes.values()) == values
+
+
 def test_settings_that_only_change_encoding_keep_their_own_label(tmp_path, capsys):
     result = bench(tmp_path, "--codecs", "int4;int4:stochastic=true", "--size", "1K")
     assert [r["codec"] for r in result["rows"]] == ["int4:block=64", "int4:block=64"]

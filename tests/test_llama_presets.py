@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from gradcodec.integrations.fedlora.model import attach_lora, build_model, load_tokenizer, lora_shapes
-from gradcodec.integrations.fedlora.presets import PRESETS, is_preset, preset_config
+from gradcodec.integrations.fedlora.presets import ALL_LINEAR, PRESETS, is_preset, preset_config
 from gradcodec.integrations.fedlora.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer
 from gradcodec.integrations.peft import _lora_parameters
 from gradcodec.learned.canvas import CanvasLayout, adapter_from_lora_canvas, lora_canvas_from_adapter
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LLAMAS = ("llama-3.2-1b", "llama-2-7b", "llama-3-8b", "llama-7b")
 
 # Published: (hidden, intermediate, layers, query heads, KV heads, head_dim, RoPE theta, tied, parameters)

@@ -1,12 +1,18 @@
-"""Tensors to benchmark codecs on: synthetic gradients, the LLaMA-7B LoRA shape, or a saved file.
+"""Tensors to benchmark codecs on: synthetic gradients, real LLaMA LoRA adapter shapes, or a saved file.
 
 Synthetic workloads are seeded and shaped as 2-D matrices so low-rank codecs apply:
   gaussian   i.i.d. N(0, 1)
   heavy      Student-t with 3 degrees of freedom (gradient outliers)
   lowrank    a rank-8 matrix plus 10 % Gaussian noise (LoRA-update-like structure)
-  lora7b     a dict shaped like a LLaMA-7B rank-8 LoRA adapter on q/k/v/o in 32 layers (8.4M values)
+  lora7b     LLaMA-2-7B, rank-8 LoRA on q/k/v/o in 32 layers (8.4 M values, 32 MiB)
+  lora1b     LLaMA-3.2-1B, rank-16 LoRA on all seven linear layers in 16 layers (11.3 M values, GQA 32/8)
+  lora8b     LLaMA-3-8B, rank-16 LoRA on all seven linear layers in 32 layers (41.9 M values, 160 MiB)
   file:PATH  a tensor or dict of tensors saved with torch.save or safetensors, or a capture file
              (gradcodec.capture; file:PATH#i picks its round update i)
+
+The LoRA workloads take their shapes from the model presets (`integrations/fedlora/presets.py`, the
+published configs), and their values from LoRA's scales after some training: A factors N(0, 0.02²),
+B factors N(0, 0.001²).
 """
 from __future__ import annotations
 
@@ -18,8 +24,15 @@ import torch
 
 from .. import capture
 from ..codec import Tensors
+from ..integrations.fedlora.presets import ALL_LINEAR, LORA_TARGETS, lora_shapes
 
-SYNTHETIC = ("gaussian", "heavy", "lowrank", "lora7b")
+# LoRA workload -> (model preset, rank, target projections)
+LORA_WORKLOADS = {
+    "lora7b": ("llama-2-7b", 8, LORA_TARGETS),
+    "lora1b": ("llama-3.2-1b", 16, ALL_LINEAR),
+    "lora8b": ("llama-3-8b", 16, ALL_LINEAR),
+}
+SYNTHETIC = ("gaussian", "heavy", "lowrank", *LORA_WORKLOADS)
 SIZED = ("gaussian", "heavy", "lowrank")  # the workloads that --size applies to
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)\s*$", re.IGNORECASE)
 
@@ -42,27 +55,22 @@ def _matrix_shape(n: int) -> tuple[int, int]:
     return rows, -(-n // rows)
 
 
-def lora7b_shapes(rank: int = 8, layers: int = 32, hidden: int = 4096) -> dict[str, tuple[int, int]]:
-    """Names and shapes of a LLaMA-7B LoRA adapter (A: [r, d], B: [d, r]) on q/k/v/o projections."""
-    shapes = {}
-    for layer in range(layers):
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            prefix = f"model.layers.{layer}.self_attn.{proj}"
-            shapes[f"{prefix}.lora_A.weight"] = (rank, hidden)
-            shapes[f"{prefix}.lora_B.weight"] = (hidden, rank)
-    return shapes
+def lora_workload_shapes(name: str) -> dict[str, tuple[int, int]]:
+    """Names and shapes of LoRA workload `name` (A: [r, fan_in], B: [fan_out, r]), from its preset."""
+    preset, rank, targets = LORA_WORKLOADS[name]
+    return lora_shapes(preset, rank, targets)
 
 
 def make_workload(name: str, size: int, seed: int = 0, device: str = "cpu") -> Tensors:
-    """The workload `name` with about `size` elements (lora7b and files have their own size)."""
+    """The workload `name` with about `size` elements (the LoRA workloads and files have their own size)."""
     g = torch.Generator().manual_seed(seed)
     if name.startswith("file:"):
         return load_tensors(name[5:], device)
-    if name == "lora7b":
+    if name in LORA_WORKLOADS:
         out = {}
-        for key, shape in lora7b_shapes().items():
-            out[key] = torch.randn(shape, generator=g) * (0.02 if key.endswith("lora_A.weight") else 1e-3)
-        return {k: v.to(device) for k, v in out.items()}
+        for key, shape in lora_workload_shapes(name).items():
+            out[key] = (torch.randn(shape, generator=g) * (0.02 if key.endswith("lora_A.weight") else 1e-3)).to(device)
+        return out
     rows, cols = _matrix_shape(size)
     if name == "gaussian":
         x = torch.randn(rows, cols, generator=g)

@@ -19,12 +19,9 @@ from typing import Sequence
 import torch
 
 from .dataset import TaskSizes, format_plain, format_prompt, generate_examples, pretraining_windows
-from .presets import PRESETS, is_preset, preset_config
+from .presets import LORA_TARGETS, PRESETS, is_preset, lora_shapes, preset_config  # noqa: F401 - lora_shapes re-exported
 from .tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, HFTokenizer, Tokenizer
 from .train import train_steps
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
 
 def _is_preset(preset_or_path: str | os.PathLike) -> bool:
     """True for a preset name, False for an existing directory; anything else is an error worth explaining."""
@@ -85,32 +82,6 @@ def attach_lora(model: torch.nn.Module, rank: int = 8, alpha: float = 16, target
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
         return get_peft_model(model, config)
-
-
-def lora_shapes(preset: str, rank: int = 8, targets: Sequence[str] = LORA_TARGETS) -> dict[str, tuple[int, int]]:
-    """Shapes of the LoRA A/B tensors `attach_lora` would create on preset `preset`, named as
-    `gradcodec.integrations.peft.lora_state` names them, computed from the config without building the model.
-
-    This is how 7B-scale payloads are sized on a machine that cannot hold the model. Under grouped-query
-    attention k_proj and v_proj map to `num_key_value_heads * head_dim` outputs, fewer than q_proj's.
-    """
-    config = preset_config(preset)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    h, m = config.hidden_size, config.intermediate_size
-    io = {"q_proj": ("self_attn", h, q), "k_proj": ("self_attn", h, kv), "v_proj": ("self_attn", h, kv),
-          "o_proj": ("self_attn", q, h), "gate_proj": ("mlp", h, m), "up_proj": ("mlp", h, m), "down_proj": ("mlp", m, h)}
-    unknown = [t for t in targets if t not in io]
-    if unknown:
-        raise ValueError(f"unknown LoRA targets {unknown}; LLaMA linear layers are {', '.join(io)}")
-    shapes = {}
-    for layer in range(config.num_hidden_layers):
-        for target in targets:
-            block, fan_in, fan_out = io[target]
-            name = f"model.layers.{layer}.{block}.{target}"
-            shapes[f"{name}.lora_A.weight"] = (rank, fan_in)
-            shapes[f"{name}.lora_B.weight"] = (fan_out, rank)
-    return shapes
 
 
 @dataclasses.dataclass(frozen=True)

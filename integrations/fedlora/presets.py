@@ -27,7 +27,7 @@ first N decoder layers, for trying a large preset at a fraction of its memory an
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from .tokenizer import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
 
@@ -99,6 +99,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESETS["llama-7b"] = {**PRESETS["llama-2-7b"], "max_position_embeddings": 2048, "rms_norm_eps": 1e-6}
 
 VOCABS = ("published", "byte")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _split(name: str) -> tuple[str, int | None]:
@@ -146,3 +148,33 @@ def preset_config(name: str, vocab: str = "published"):
     from transformers import LlamaConfig
 
     return LlamaConfig(**preset_kwargs(name, vocab))
+
+
+def lora_shapes(preset: str, rank: int = 8, targets: Sequence[str] = LORA_TARGETS) -> dict[str, tuple[int, int]]:
+    """Shapes of the LoRA A/B tensors `model.attach_lora` would create on preset `preset`, named as
+    `gradcodec.integrations.peft.lora_state` names them, computed from the preset table alone (no
+    model, no transformers import).
+
+    This is how 7B-scale payloads are sized on a machine that cannot hold the model, and what
+    `gradcodec bench`'s LoRA workloads are shaped by. Under grouped-query attention k_proj and v_proj
+    map to `num_key_value_heads * head_dim` outputs, fewer than q_proj's.
+    """
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    c = preset_kwargs(preset)
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
+    h, m = c["hidden_size"], c["intermediate_size"]
+    io = {"q_proj": ("self_attn", h, q), "k_proj": ("self_attn", h, kv), "v_proj": ("self_attn", h, kv),
+          "o_proj": ("self_attn", q, h), "gate_proj": ("mlp", h, m), "up_proj": ("mlp", h, m), "down_proj": ("mlp", m, h)}
+    unknown = [t for t in targets if t not in io]
+    if unknown:
+        raise ValueError(f"unknown LoRA targets {unknown}; LLaMA linear layers are {', '.join(io)}")
+    shapes = {}
+    for layer in range(c["num_hidden_layers"]):
+        for target in targets:
+            block, fan_in, fan_out = io[target]
+            name = f"model.layers.{layer}.{block}.{target}"
+            shapes[f"{name}.lora_A.weight"] = (rank, fan_in)
+            shapes[f"{name}.lora_B.weight"] = (fan_out, rank)
+    return shapes
