@@ -12,7 +12,7 @@ import torch
 from .runner import Row
 
 COLUMNS = [
-    ("codec", "{:<34}", lambda r: r.spec[:34]),
+    ("codec", "{:<34}", lambda r: (r.spec if r.peer is None else "  peer " + r.spec)[:34]),
     ("ratio", "{:>8}", lambda r: f"{r.ratio:.1f}x"),
     ("bits/el", "{:>8}", lambda r: f"{r.bits_per_element:.3f}"),
     ("rel_l2", "{:>8}", lambda r: f"{r.rel_l2:.4f}"),
@@ -29,18 +29,35 @@ COLUMNS = [
 ]
 
 
-def machine() -> str:
-    """One line naming the machine the figures come from, and how busy it was (1-minute load average)."""
+def machine(helpers: int = 0) -> str:
+    """One line naming the machine the figures come from, and how busy it was (1-minute load average,
+    and the `--load` helper processes the bench ran beside the timing)."""
     cpu = platform.processor() or platform.machine()
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     load = f", load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs" if hasattr(os, "getloadavg") else ""
-    return f"{platform.system()} {cpu}, {torch.get_num_threads()} torch threads{gpu}, torch {torch.__version__}{load}"
+    extra = f", {helpers} busy helper processes during timing (--load)" if helpers else ""
+    return f"{platform.system()} {cpu}, {torch.get_num_threads()} torch threads{gpu}, torch {torch.__version__}{load}{extra}"
 
 
 def groups(rows: list[Row]) -> list[list[Row]]:
-    """Rows split by (workload, size), in the order measured: each group shares one copy timing."""
+    """Rows split by (workload, size), in the order measured: each group shares one copy timing.
+
+    Within a group each peer's row follows the gradcodec row nearest to it in bits per element.
+    """
     keys = dict.fromkeys((r.workload, r.elements) for r in rows)
-    return [[r for r in rows if (r.workload, r.elements) == key] for key in keys]
+    return [beside_nearest([r for r in rows if (r.workload, r.elements) == key]) for key in keys]
+
+
+def beside_nearest(rows: list[Row]) -> list[Row]:
+    """gradcodec rows in their order, each followed by the peers whose size is nearest to its own."""
+    ours = [r for r in rows if r.peer is None]
+    if not ours:
+        return rows
+    after: dict[int, list[Row]] = {}
+    for peer in (r for r in rows if r.peer is not None):
+        nearest = min(range(len(ours)), key=lambda i: abs(math.log(ours[i].bits_per_element / peer.bits_per_element)))
+        after.setdefault(nearest, []).append(peer)
+    return [r for i, ours_row in enumerate(ours) for r in [ours_row, *after.get(i, [])]]
 
 
 def table(rows: list[Row]) -> str:
@@ -58,8 +75,9 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_json(rows: list[Row], path: Path, command: str) -> None:
-    payload = {"command": command, "machine": machine(), "rows": [r.as_json() for r in rows]}
+def write_json(rows: list[Row], path: Path, command: str, helpers: int = 0, peers_skipped: list[str] = ()) -> None:
+    payload = {"command": command, "machine": machine(helpers), "load_helpers": helpers,
+               "peers_skipped": list(peers_skipped), "rows": [r.as_json() for r in rows]}
     path.write_text(json.dumps(payload, indent=1, default=float))
 
 

@@ -50,6 +50,7 @@ class Row:
     input_bytes: int
     copy: Timing
     encode_peak_bytes: int | None = None  # extra memory at the peak of one encode, payload included
+    peer: str | None = None  # for a peer's row (gradcodec.bench.peers): its library, version and call
 
     def gbps(self, t: Timing) -> float:
         return self.input_bytes / t.median / 1e9
@@ -136,24 +137,24 @@ def peak_extra_bytes(fn, device: torch.device) -> int | None:
         return None
 
 
-def bench_codec(spec: str, x: Tensors, workload: str, repeats: int, copy: Timing, seed: int = 0) -> Row:
-    """Encode and decode `x` with a fresh codec `spec` per repeat; measure size, distortion, speed."""
+def _measure(spec: str, canonical: str, encode, decode, size, fresh_encode, x: Tensors, workload: str,
+             repeats: int, copy: Timing, peer: str | None = None) -> Row:
+    """Time encode and decode, then measure size, distortion and encode memory, as one Row."""
     device = _device_of(x)
-    codec = api.get_codec(spec, seed=seed)
-    enc, blob = time_call(lambda: codec.encode(x), repeats, device)
-    dec, x_hat = time_call(lambda: codec.decode(blob, device=device), repeats, device)
+    enc, payload = time_call(encode, repeats, device)
+    dec, x_hat = time_call(lambda: decode(payload), repeats, device)
     d = metrics.distortion(x, x_hat)
-    n, nbytes = metrics.numel(x), metrics.nbytes(x)
+    n, nbytes, payload_bytes = metrics.numel(x), metrics.nbytes(x), size(payload)
     del x_hat
-    peak = peak_extra_bytes(lambda: api.get_codec(spec, seed=seed).encode(x), device)
+    peak = peak_extra_bytes(fresh_encode, device)
     return Row(
-        codec=codec.spec,
+        codec=canonical,
         spec=spec,
         workload=workload,
         elements=n,
-        payload_bytes=len(blob),
-        ratio=nbytes / len(blob),
-        bits_per_element=8 * len(blob) / n,
+        payload_bytes=payload_bytes,
+        ratio=nbytes / payload_bytes,
+        bits_per_element=8 * payload_bytes / n,
         rel_l2=d["rel_l2"],
         cosine=d["cosine"],
         snr_db=d["snr_db"],
@@ -163,7 +164,25 @@ def bench_codec(spec: str, x: Tensors, workload: str, repeats: int, copy: Timing
         input_bytes=nbytes,
         copy=copy,
         encode_peak_bytes=peak,
+        peer=peer,
     )
+
+
+def bench_codec(spec: str, x: Tensors, workload: str, repeats: int, copy: Timing, seed: int = 0) -> Row:
+    """Encode and decode `x` with a fresh codec `spec`; measure size, distortion, speed."""
+    device = _device_of(x)
+    codec = api.get_codec(spec, seed=seed)
+    return _measure(spec, codec.spec, lambda: codec.encode(x), lambda blob: codec.decode(blob, device=device), len,
+                    lambda: api.get_codec(spec, seed=seed).encode(x), x, workload, repeats, copy)
+
+
+def bench_peer(peer, x: Tensors, workload: str, repeats: int, copy: Timing) -> Row:
+    """The same measurements for a peer method (gradcodec.bench.peers.Peer)."""
+    def encode():
+        return peer.encode_all(x)
+
+    return _measure(peer.name, peer.description, encode, lambda p: peer.decode_all(p, x), peer.size_all, encode,
+                    x, workload, repeats, copy, peer=peer.description)
 
 
 # Named codec lists for --codecs. "default" is one representative setting per family; "sweep"
