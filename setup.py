@@ -37,6 +37,7 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "pytest-timeout", "constriction"],
         "entropy": ["constriction"],
+        "peers": ["bitsandbytes"],
         "fl": ["transformers", "peft", "flwr[simulation]>=1.42", "tokenizers", "safetensors", "matplotlib"],
     },
     entry_points={"console_scripts": ["gradcodec = gradcodec.cli:main"]},

@@ -2,12 +2,17 @@
 
 These check what the bench reports, not how fast anything is: speed is measured by the bench itself.
 """
+import contextlib
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from gradcodec.bench import report, workloads
+from gradcodec.bench import load, report, workloads
 from gradcodec.cli import main
 
 
@@ -81,3 +86,54 @@ def test_the_plot_has_a_panel_per_workload_and_size(tmp_path):
 
     width, height = Image.open(png).size
     assert width > 1.8 * height  # two 6 x 4.5 inch panels side by side
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_load_helpers_run_inside_the_block_and_are_stopped_after_it_even_on_an_error():
+    with pytest.raises(KeyboardInterrupt):
+        with load.cpu_load(2) as procs:
+            assert len(procs) == 2 and all(p.poll() is None for p in procs)
+            raise KeyboardInterrupt
+    assert all(p.poll() is not None for p in procs)
+
+
+def test_a_load_helper_exits_when_its_parent_is_killed():
+    parent = subprocess.run(
+        [sys.executable, "-c",
+         "import os\nfrom gradcodec.bench import load\n"
+         "with load.cpu_load(1) as procs:\n    print(procs[0].pid, flush=True)\n    os._exit(0)\n"],
+        capture_output=True, text=True, timeout=60, cwd="/",
+    )
+    helper = int(parent.stdout.split()[0])
+    deadline = time.monotonic() + 20
+    while _alive(helper) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(helper)
+
+
+def test_bench_with_load_records_the_helpers_and_stops_them(tmp_path, monkeypatch):
+    started = []
+    real = load.cpu_load
+
+    @contextlib.contextmanager
+    def recording(n):
+        with real(n) as procs:
+            started.extend(procs)
+            yield procs
+
+    monkeypatch.setattr(load, "cpu_load", recording)
+    result = bench(tmp_path, "--codecs", "int8", "--size", "1K", "--load", "1")
+    assert result["load_helpers"] == 1 and "1 busy helper processes" in result["machine"]
+    assert len(started) == 1 and started[0].poll() is not None
+
+
+def test_a_negative_load_is_a_usage_error(capsys):
+    assert main(["bench", "--size", "1K", "--load", "-1"]) == 2
+    assert "--load" in capsys.readouterr().err
