@@ -71,6 +71,7 @@ class Codec(ABC):
     spec: str
     lossless: bool
     model = None
+    prepass = None  # a whole-update stage (gradcodec.codecs.dp) that encode runs first; see attach_prepass
 
     def __init__(self, byte_stage: ByteStage | None = None, seed: int | None = None, allow_nonfinite: bool = False):
         self.byte_stage = byte_stage
@@ -84,6 +85,24 @@ class Codec(ABC):
     def _check_options(self) -> None:
         if self.allow_nonfinite and not self.lossless:
             raise InvalidInput(f"allow_nonfinite=True needs a lossless codec (raw, zstd); {self.spec!r} is lossy")
+
+    # ------------------------------------------------------------------ whole-update pre-pass (dp)
+    def attach_prepass(self, stage: Stage) -> None:
+        """Run `stage.prepare(named) -> named` on the whole update at the start of every encode.
+
+        It runs before encode_named, hence before error feedback adds its residual (the residual is
+        then post-processing of the stage's output, as DP requires). The stage is client-side only:
+        `spec` (what rebuilds this codec, e.g. for a federation's handshake) names it first, while
+        payloads record `payload_spec`, without it, since decoding needs nothing from it.
+        """
+        self.prepass = stage
+        self.spec = canonical_spec([stage]) + "|" + self.spec
+        self.lossless = False
+
+    @property
+    def payload_spec(self) -> str:
+        """The canonical spec written into payloads: `spec` without a client-side pre-pass stage."""
+        return self.spec if self.prepass is None else self.spec.split("|", 1)[1]
 
     # ------------------------------------------------------------------ subclass interface
     @abstractmethod
@@ -112,6 +131,8 @@ class Codec(ABC):
         `residuals` is the error-feedback state that gradcodec.ErrorFeedback passes; leave it out.
         """
         named, single = as_named(x)
+        if self.prepass is not None:
+            named = self.prepass.prepare(named)  # before encode_named adds any error-feedback residual
         msg = self.encode_named(named, residuals)
         msg.single = single
         return wire.pack(msg, compress=self.byte_stage.compress if self.byte_stage else None, by_reference=by_reference)
@@ -120,9 +141,9 @@ class Codec(ABC):
                layout: Tensors | wire.Layout | None = None) -> Tensors:
         """Decode bytes that this codec (same canonical spec) produced; see gradcodec.decode."""
         msg = unpack(blob, max_output_bytes, layout)
-        if msg.codec != self.spec:
+        if msg.codec != self.payload_spec:
             raise InvalidInput(
-                f"payload was encoded with {msg.codec!r} but this codec is {self.spec!r}; use gradcodec.decode(blob)"
+                f"payload was encoded with {msg.codec!r} but this codec is {self.payload_spec!r}; use gradcodec.decode(blob)"
             )
         return self.decode_message(msg, device)
 
@@ -179,6 +200,8 @@ class PipelineCodec(Codec):
 
     def __init__(self, root: Stage, byte_stage: ByteStage | None = None, seed: int | None = None, allow_nonfinite: bool = False):
         super().__init__(byte_stage, seed, allow_nonfinite)
+        prepass = root if hasattr(root, "prepare") else None
+        root = root.inner if prepass is not None else root
         self.root = root
         self.stages = []
         stage = root
@@ -187,6 +210,11 @@ class PipelineCodec(Codec):
             stage = getattr(stage, "inner", None)
         self.lossless = all(s.lossless for s in self.stages)
         self.spec = canonical_spec(self.stages + ([byte_stage] if byte_stage else []))
+        misplaced = [s.name for s in self.stages if hasattr(s, "prepare")]
+        if misplaced:
+            raise InvalidInput(f"{misplaced[0]!r} acts on the whole update and must be the first stage of the spec, before any transform")
+        if prepass is not None:
+            self.attach_prepass(prepass)
         self._check_options()
 
     def _stage_for(self, dtype: torch.dtype) -> Stage:
@@ -206,7 +234,7 @@ class PipelineCodec(Codec):
             else:
                 sections = stage.encode_feedback(x, residuals[name], ctx)
             entries.append(wire.TensorEntry(name, x.dtype, tuple(x.shape), sections))
-        return wire.Message(self.spec, entries)
+        return wire.Message(self.payload_spec, entries)
 
     def decode_named(self, msg, device):
         if msg.shared:
