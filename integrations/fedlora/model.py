@@ -46,9 +46,13 @@ def build_model(preset_or_path: str | os.PathLike, *, dtype: torch.dtype = torch
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     if _is_preset(preset_or_path):
+        config = preset_config(preset_or_path, vocab="byte")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = LlamaForCausalLM(preset_config(preset_or_path, vocab="byte")).to(dtype)
+            if dtype == torch.float32:
+                model = LlamaForCausalLM(config)
+            else:  # initialised in `dtype` directly: no float32 copy of a 1B model on the way (4 GB)
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(preset_or_path, local_files_only=True, dtype=dtype)
     if gradient_checkpointing:
