@@ -111,5 +111,7 @@ block_encode = _dispatched("block_encode")
 block_decode = _dispatched("block_decode")
 
 QMAX = reference.QMAX
+WIDTHS = reference.WIDTHS
+code_count = reference.code_count
 uniform_hash = reference.uniform_hash
 packed_bits_size = reference.packed_bits_size

@@ -1,9 +1,10 @@
 """Triton kernels for bit packing and the scaled 1-bit sign quantiser (kernels/reference.py is the spec).
 
 Bit streams are little-endian: value i of `width` bits occupies bits [i*width, (i+1)*width) of the
-stream, bit j of the stream being bit (j % 8) of byte j // 8. For the widths Triton handles here
-(1, 2, 4, 8: those dividing 8) every value lies inside one byte, 8 // width values to a byte. Other
-widths take the reference's PyTorch implementation, on whatever device the tensor is on.
+stream, bit j of the stream being bit (j % 8) of byte j // 8. Triton handles widths 1 to 8: for those
+dividing 8 every value lies inside one byte, 8 // width values to a byte; for 3, 5, 6 and 7 each group
+of 8 values fills `width` whole bytes, gathered in one int64 word (store_fields, load_fields). Wider
+values take the reference's PyTorch implementation, on whatever device the tensor is on.
 
 Each kernel handles one tile of TILE consecutive values (or elements) per program; the sign kernels
 see the input as a [nblocks, block] matrix and give each program ROWS whole blocks, so that a
@@ -27,7 +28,7 @@ import triton.language as tl
 from . import reference
 
 TILE = 2048  # values (or elements) per program
-TRITON_WIDTHS = (1, 2, 4, 8)
+TRITON_WIDTHS = tuple(range(1, 9))
 # Compile options of every launch here and in quant.py, so that each fp32 operation rounds once and
 # keeps subnormals, as in the reference (and numpy under the interpreter, which ignores them):
 #   enable_fp_fusion=False   no a*b+c contraction into an FMA: LLVM emits mul.rn/add.rn/sub.rn, which
@@ -87,33 +88,63 @@ def unpack_fields(packed, PER_BYTE: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def _pack_bits_kernel(values_ptr, packed_ptr, count, nbytes, WIDTH: tl.constexpr, BYTES: tl.constexpr):
-    """Reads values[count] (any integer dtype), writes packed[nbytes] (uint8).
-
-    Program p packs values [p*BYTES*PER_BYTE, (p+1)*BYTES*PER_BYTE) into bytes [p*BYTES, (p+1)*BYTES);
-    the low WIDTH bits of each value are kept, values past `count` pad the last byte with zeros.
-    """
-    PER_BYTE: tl.constexpr = 8 // WIDTH
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * (BYTES * PER_BYTE) + tl.arange(0, BYTES * PER_BYTE)
-    values = tl.load(values_ptr + offs, mask=offs < count, other=0)
-    fields = values.to(tl.int32) & ((1 << WIDTH) - 1)
-    byte_offs = pid * BYTES + tl.arange(0, BYTES)
-    tl.store(packed_ptr + byte_offs, pack_fields(fields, PER_BYTE, WIDTH), mask=byte_offs < nbytes)
+def store_fields(ptr, base, fields, nbytes, WIDTH: tl.constexpr):
+    """Store a 1-D int32 tensor of fields (each below 2**WIDTH, a multiple of 8 of them) as the bit
+    stream bytes [base, base + fields.numel * WIDTH / 8) of ptr, those below nbytes."""
+    if 8 % WIDTH == 0:
+        offs = base + tl.arange(0, fields.numel * WIDTH // 8)
+        tl.store(ptr + offs, pack_fields(fields, 8 // WIDTH, WIDTH), mask=offs < nbytes)
+    else:
+        GROUPS: tl.constexpr = fields.numel // 8
+        lanes = tl.arange(0, 8).to(tl.int64)
+        grouped = tl.reshape(fields, (GROUPS, 8)).to(tl.int64) & ((1 << WIDTH) - 1)
+        word = tl.sum(grouped << (lanes * WIDTH)[None, :], axis=1)
+        packed = ((word[:, None] >> (lanes * 8)[None, :]) & 255).to(tl.uint8)
+        offs = base + tl.arange(0, GROUPS).to(tl.int64)[:, None] * WIDTH + lanes[None, :]
+        tl.store(ptr + offs, packed, mask=(lanes[None, :] < WIDTH) & (offs < nbytes))
 
 
 @triton.jit
-def _unpack_bits_kernel(packed_ptr, out_ptr, count, nbytes, WIDTH: tl.constexpr, BYTES: tl.constexpr):
+def load_fields(ptr, base, COUNT: tl.constexpr, nbytes, WIDTH: tl.constexpr):
+    """Inverse of store_fields: COUNT (a multiple of 8) int32 fields from the bit stream bytes at
+    [base, base + COUNT * WIDTH / 8) of ptr; bytes at or past nbytes read as 0."""
+    if 8 % WIDTH == 0:
+        offs = base + tl.arange(0, COUNT * WIDTH // 8)
+        fields = unpack_fields(tl.load(ptr + offs, mask=offs < nbytes, other=0), 8 // WIDTH, WIDTH)
+    else:
+        GROUPS: tl.constexpr = COUNT // 8
+        lanes = tl.arange(0, 8).to(tl.int64)
+        offs = base + tl.arange(0, GROUPS).to(tl.int64)[:, None] * WIDTH + lanes[None, :]
+        packed = tl.load(ptr + offs, mask=(lanes[None, :] < WIDTH) & (offs < nbytes), other=0)
+        word = tl.sum(packed.to(tl.int64) << (lanes * 8)[None, :], axis=1)
+        grouped = (word[:, None] >> (lanes * WIDTH)[None, :]) & ((1 << WIDTH) - 1)
+        fields = tl.reshape(grouped.to(tl.int32), (COUNT,))
+    return fields
+
+
+@triton.jit
+def _pack_bits_kernel(values_ptr, packed_ptr, count, nbytes, WIDTH: tl.constexpr, VALUES: tl.constexpr):
+    """Reads values[count] (any integer dtype), writes packed[nbytes] (uint8).
+
+    Program p packs values [p*VALUES, (p+1)*VALUES) into bytes [p*VALUES*WIDTH/8, (p+1)*VALUES*WIDTH/8);
+    the low WIDTH bits of each value are kept, values past `count` pad the last byte with zeros.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * VALUES + tl.arange(0, VALUES)
+    values = tl.load(values_ptr + offs, mask=offs < count, other=0)
+    store_fields(packed_ptr, pid * (VALUES * WIDTH // 8), values.to(tl.int32) & ((1 << WIDTH) - 1), nbytes, WIDTH)
+
+
+@triton.jit
+def _unpack_bits_kernel(packed_ptr, out_ptr, count, nbytes, WIDTH: tl.constexpr, VALUES: tl.constexpr):
     """Reads packed[nbytes] (uint8), writes out[count] (int64).
 
-    Program p expands bytes [p*BYTES, (p+1)*BYTES) into values [p*BYTES*PER_BYTE, (p+1)*BYTES*PER_BYTE).
+    Program p expands bytes [p*VALUES*WIDTH/8, (p+1)*VALUES*WIDTH/8) into values [p*VALUES, (p+1)*VALUES).
     """
-    PER_BYTE: tl.constexpr = 8 // WIDTH
     pid = tl.program_id(0).to(tl.int64)
-    byte_offs = pid * BYTES + tl.arange(0, BYTES)
-    packed = tl.load(packed_ptr + byte_offs, mask=byte_offs < nbytes, other=0)
-    offs = pid * (BYTES * PER_BYTE) + tl.arange(0, BYTES * PER_BYTE)
-    tl.store(out_ptr + offs, unpack_fields(packed, PER_BYTE, WIDTH).to(tl.int64), mask=offs < count)
+    fields = load_fields(packed_ptr, pid * (VALUES * WIDTH // 8), VALUES, nbytes, WIDTH)
+    offs = pid * VALUES + tl.arange(0, VALUES)
+    tl.store(out_ptr + offs, fields.to(tl.int64), mask=offs < count)
 
 
 @triton.jit
@@ -160,7 +191,7 @@ def _sign_dequantize_kernel(bits_ptr, scales_ptr, out_ptr, n, BLOCK: tl.constexp
 def pack_bits(values: torch.Tensor, width: int) -> torch.Tensor:
     """Pack non-negative integers below 2**width into a little-endian bit stream (uint8).
 
-    Triton for width 1, 2, 4 or 8; any other width runs reference.pack_bits.
+    Triton for widths 1 to 8; wider values run reference.pack_bits.
     """
     if width not in TRITON_WIDTHS:
         return reference.pack_bits(values, width)
@@ -175,17 +206,15 @@ def pack_bits(values: torch.Tensor, width: int) -> torch.Tensor:
     elif values.is_floating_point():
         values = values.to(torch.int64)  # as the reference does
     values = values.contiguous()
-    per_byte = 8 // width
-    grid = (triton.cdiv(nbytes, TILE // per_byte),)
     with launch_device(values):
-        _pack_bits_kernel[grid](values, packed, count, nbytes, WIDTH=width, BYTES=TILE // per_byte, **EXACT_FP)
+        _pack_bits_kernel[(triton.cdiv(count, TILE),)](values, packed, count, nbytes, WIDTH=width, VALUES=TILE, **EXACT_FP)
     return packed
 
 
 def unpack_bits(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
     """Inverse of pack_bits: `count` integers (int64) of `width` bits each.
 
-    Triton for width 1, 2, 4 or 8; any other width runs reference.unpack_bits.
+    Triton for widths 1 to 8; wider values run reference.unpack_bits.
     """
     if width not in TRITON_WIDTHS:
         return reference.unpack_bits(packed, width, count)
@@ -199,10 +228,8 @@ def unpack_bits(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
     if packed.dtype != torch.uint8:
         packed = packed.to(torch.uint8)  # the reference reads the low 8 bits of each element
     packed = packed.contiguous()
-    per_byte = 8 // width
-    grid = (triton.cdiv(nbytes, TILE // per_byte),)
     with launch_device(packed):
-        _unpack_bits_kernel[grid](packed, out, count, nbytes, WIDTH=width, BYTES=TILE // per_byte, **EXACT_FP)
+        _unpack_bits_kernel[(triton.cdiv(count, TILE),)](packed, out, count, nbytes, WIDTH=width, VALUES=TILE, **EXACT_FP)
     return out
 
 

@@ -11,10 +11,14 @@ chunk run while it is still in cache; results do not depend on the chunk size.
 Conventions shared by the ops:
   * inputs are flattened 1-D contiguous tensors of float32, float16 or bfloat16;
   * a block is `block` consecutive elements; the last block may be partial;
-  * blockwise absmax codes of `bits` bits take values in [-QMAX, QMAX] with QMAX = 2**(bits-1) - 1;
-    int8 codes are stored as int8, int4 codes as (code + 8) in a nibble, element 2i in the low nibble
-    of byte i and element 2i+1 in the high nibble;
-  * bit streams are little-endian: element i sits in bit (i % 8) of byte i // 8.
+  * blockwise absmax quantisation to `bits` = 1..8 bits: element x of a block decodes to q * scale,
+    where the level q is an integer in [-QMAX, QMAX], QMAX = 2**(bits-1) - 1, for bits >= 2, and
+    q = +-1/2 for bits = 1 (the two-level midrise grid). int8 codes are stored as int8 (q itself);
+    other widths store the field q + OFFSET (OFFSET = 2**(bits-1), or 1/2 for one bit) as an
+    unsigned `bits`-bit value in a bit stream (pack_bits): int4 is q + 8 in a nibble, element 2i in
+    the low nibble of byte i and element 2i+1 in the high nibble;
+  * bit streams are little-endian: value i of `width` bits occupies bits [i*width, (i+1)*width) of
+    the stream, bit j of the stream being bit (j % 8) of byte j // 8.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ import math
 
 import torch
 
-QMAX = {8: 127, 4: 7}
+WIDTHS = tuple(range(1, 9))  # code widths of the blockwise absmax quantisers
+QMAX = {bits: 2 ** (bits - 1) - 1 for bits in WIDTHS[1:]}  # largest level; one bit has levels +-1/2
 # Blocks whose absmax is below TINY are scaled as if it were TINY: the scale stays a normal float and
 # the error bound |x - x_hat| <= scale / 2 holds for every block, including all-zero ones.
 TINY = 2.0**-100
@@ -77,11 +82,18 @@ def _blocks(v: torch.Tensor, block: int) -> torch.Tensor:
     return v.view(-1, block)
 
 
+def offset(bits: int) -> float:
+    """OFFSET of a `bits`-bit field: the stored field is level + OFFSET (module docstring)."""
+    return 0.5 if bits == 1 else float(2 ** (bits - 1))
+
+
 def _quantize_chunk(e: torch.Tensor, bits: int, block: int, seed: int | None, start: int):
-    """Float codes (padded to whole blocks) and scales of one fp32 chunk that starts at `start`."""
-    qmax = QMAX[bits]
+    """Float levels q (padded to whole blocks) and scales of one fp32 chunk that starts at `start`."""
     v = _blocks(e, block)
     amax = v.abs().amax(dim=1).clamp_min(TINY)
+    if bits == 1:
+        return _one_bit_chunk(v, amax, seed, start)
+    qmax = QMAX[bits]
     # a tensor divisor: torch's CUDA kernels turn division by a Python scalar into a reciprocal multiply
     scale = amax / torch.full_like(amax, qmax)
     # `qmax / amax` on a tensor is torch's Tensor.__rtruediv__, i.e. amax.reciprocal() * qmax: two
@@ -96,28 +108,54 @@ def _quantize_chunk(e: torch.Tensor, bits: int, block: int, seed: int | None, st
     return t.floor_().clamp_(-qmax, qmax), scale
 
 
+def _one_bit_chunk(v: torch.Tensor, amax: torch.Tensor, seed: int | None, start: int):
+    """One bit: levels q = +-1/2 of the grid step `scale`.
+
+    Round to nearest takes scale = amax (levels +-amax/2, the grid whose worst error over
+    [-amax, amax] is smallest) and q = +1/2 for v >= 0. Stochastic rounding needs levels that
+    enclose every value, so scale = 2 amax (levels +-amax), and q = +1/2 with probability
+    (1 + v/amax) / 2: floor(v * (0.5 / amax) + 0.5 + u), two roundings in this order.
+    """
+    if seed is None:
+        return (v >= 0).float().sub_(0.5), amax
+    t = v * (amax.reciprocal() * 0.5)[:, None]
+    offs = torch.arange(start, start + v.numel(), dtype=torch.int64, device=v.device)
+    t.add_(0.5).add_(uniform_hash(seed, offs).view_as(t))
+    return t.floor_().clamp_(0, 1).sub_(0.5), amax * 2
+
+
+def code_count(n: int, bits: int) -> int:
+    """Elements of the codes tensor for n values: n int8 codes (bits=8), else the bytes of the bit stream."""
+    return n if bits == 8 else packed_bits_size(n, bits)
+
+
+def empty_codes(n: int, bits: int, device) -> torch.Tensor:
+    return torch.empty(code_count(n, bits), dtype=torch.int8 if bits == 8 else torch.uint8, device=device)
+
+
 def _store_codes(q: torch.Tensor, bits: int, codes: torch.Tensor, start: int, end: int) -> None:
-    """Write the codes of elements [start, end) (float, padded to whole blocks) into `codes`."""
-    m = end - start
-    flat = q.view(-1)
+    """Write the codes of elements [start, end) (float levels, padded to whole blocks) into `codes`.
+
+    `start` is a multiple of the block, hence of 8: the chunk's codes begin on a whole byte.
+    """
+    flat = q.view(-1)[: end - start]
     if bits == 8:
-        codes[start:end].copy_(flat[:m])
+        codes[start:end].copy_(flat)
         return
-    pairs = flat[: m - m % 2].view(-1, 2)
-    first = start // 2
-    # (hi + 8) * 16 + (lo + 8), exact in float; the conversion happens in copy_
-    codes[first : first + pairs.shape[0]].copy_(pairs[:, 1].mul(16).add_(pairs[:, 0]).add_(136))
-    if m % 2:  # odd length: the last code sits alone in the low nibble, the high nibble stays 0
-        codes[first + pairs.shape[0]] = flat[m - 1].item() + 8
+    packed = pack_bits((flat + offset(bits)).to(torch.uint8), bits)
+    first = start * bits // 8
+    codes[first : first + packed.numel()].copy_(packed)
 
 
 def quantize_blockwise(x: torch.Tensor, bits: int, block: int, seed: int | None = None):
-    """Blockwise absmax quantisation of a flat tensor to `bits` (8 or 4) bits.
+    """Blockwise absmax quantisation of a flat tensor to `bits` (1 to 8) bits.
 
-    Returns (codes, scales): int8 codes (bits=8) or packed uint8 nibbles (bits=4), and one float32
-    scale per block (max(absmax, TINY) / QMAX). Round to nearest (ties up) when `seed` is None;
-    otherwise unbiased stochastic rounding floor(v + u) with u = uniform_hash(seed, element index).
-    A non-finite input makes its block's scale non-finite; the caller checks the scales.
+    Returns (codes, scales): int8 codes (bits=8) or the bit stream of the fields q + OFFSET (uint8),
+    and one float32 scale (the grid step) per block: max(absmax, TINY) / QMAX for bits >= 2; for one
+    bit, max(absmax, TINY) (round to nearest) or twice it (stochastic). Round to nearest (ties up)
+    when `seed` is None; otherwise unbiased stochastic rounding floor(v + u) with
+    u = uniform_hash(seed, element index). A non-finite input makes its block's scale non-finite;
+    the caller checks the scales.
     """
     return _quantize(x, None, bits, block, seed)
 
@@ -134,7 +172,7 @@ def quantize_blockwise_feedback(x: torch.Tensor, residual: torch.Tensor, bits: i
 def _quantize(x: torch.Tensor, residual: torch.Tensor | None, bits: int, block: int, seed: int | None):
     n = x.numel()
     scales = torch.empty(-(-n // block), dtype=torch.float32, device=x.device)
-    codes = torch.empty(n if bits == 8 else (n + 1) // 2, dtype=torch.int8 if bits == 8 else torch.uint8, device=x.device)
+    codes = empty_codes(n, bits, x.device)
     for start, end in _chunks(n, block):
         e = x[start:end].float()
         if residual is not None:
@@ -148,17 +186,15 @@ def _quantize(x: torch.Tensor, residual: torch.Tensor | None, bits: int, block: 
 
 
 def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, bits: int, block: int, n: int) -> torch.Tensor:
-    """Inverse of quantize_blockwise: float32 tensor of n elements, code * scale of its block."""
+    """Inverse of quantize_blockwise: float32 tensor of n elements, level * scale of its block."""
     out = torch.empty(n, dtype=torch.float32, device=codes.device)
     for start, end in _chunks(n, block):
         o = out[start:end]
         if bits == 8:
             o.copy_(codes[start:end])
         else:
-            packed = codes[start // 2 : (end + 1) // 2]
-            o[0::2].copy_(packed[: (end - start + 1) // 2] & 0xF)
-            o[1::2].copy_(packed[: (end - start) // 2] >> 4)
-            o.sub_(8)
+            o.copy_(_unpack(codes[start * bits // 8 : -(-end * bits // 8)], bits, end - start))
+            o.sub_(offset(bits))
         whole = (end - start) // block
         o[: whole * block].view(whole, block).mul_(scales[start // block : start // block + whole, None])
         if (end - start) % block:
@@ -167,7 +203,10 @@ def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, bits: int, b
 
 
 def pack_bits(values: torch.Tensor, width: int) -> torch.Tensor:
-    """Pack non-negative integers below 2**width into a little-endian bit stream (uint8)."""
+    """Pack non-negative integers below 2**width into a little-endian bit stream (uint8).
+
+    Only the low `width` bits of each value are kept.
+    """
     n = values.numel()
     if n == 0:
         return torch.empty(0, dtype=torch.uint8, device=values.device)
@@ -178,6 +217,14 @@ def pack_bits(values: torch.Tensor, width: int) -> torch.Tensor:
             v = torch.nn.functional.pad(v, (0, per - n % per))
         shifts = torch.arange(0, 8, width, device=values.device, dtype=torch.uint8)
         return (v.view(-1, per) << shifts).sum(dim=1, dtype=torch.uint8)
+    if width < 8:  # eight values fill `width` whole bytes: gather each group in one int64 word
+        v = values.reshape(-1).to(torch.int64) & ((1 << width) - 1)
+        if n % 8:
+            v = torch.nn.functional.pad(v, (0, 8 - n % 8))
+        lanes = torch.arange(8, device=values.device)
+        word = (v.view(-1, 8) << lanes * width).sum(dim=1)
+        stream = (word[:, None] >> lanes[:width] * 8) & 0xFF
+        return stream.to(torch.uint8).reshape(-1)[: packed_bits_size(n, width)]
     shifts = torch.arange(width, device=values.device)
     bits = ((values.reshape(-1, 1).to(torch.int64) >> shifts) & 1).to(torch.uint8).reshape(-1)
     pad = -bits.numel() % 8
@@ -187,18 +234,26 @@ def pack_bits(values: torch.Tensor, width: int) -> torch.Tensor:
     return (bits.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
 
 
-def _unpack_small(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
-    """unpack_bits for widths dividing 8, as uint8."""
-    shifts = torch.arange(0, 8, width, device=packed.device, dtype=torch.uint8)
-    return ((packed.reshape(-1, 1) >> shifts) & ((1 << width) - 1)).reshape(-1)[:count]
+def _unpack(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
+    """unpack_bits for widths up to 8, as uint8 (dividing 8) or int64 (the others)."""
+    if 8 % width == 0:
+        shifts = torch.arange(0, 8, width, device=packed.device, dtype=torch.uint8)
+        return ((packed.reshape(-1, 1) >> shifts) & ((1 << width) - 1)).reshape(-1)[:count]
+    groups = -(-count // 8)
+    b = packed.reshape(-1)[: groups * width].to(torch.uint8).to(torch.int64)
+    if b.numel() < groups * width:
+        b = torch.nn.functional.pad(b, (0, groups * width - b.numel()))
+    lanes = torch.arange(8, device=packed.device)
+    word = (b.view(groups, width) << lanes[:width] * 8).sum(dim=1)
+    return ((word[:, None] >> lanes * width) & ((1 << width) - 1)).reshape(-1)[:count]
 
 
 def unpack_bits(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
     """Inverse of pack_bits: `count` integers (int64) of `width` bits each."""
     if count == 0:
         return torch.empty(0, dtype=torch.int64, device=packed.device)
-    if 8 % width == 0:
-        return _unpack_small(packed, width, count).to(torch.int64)
+    if width <= 8:
+        return _unpack(packed, width, count).to(torch.int64)
     bits = ((packed.reshape(-1, 1) >> torch.arange(8, device=packed.device, dtype=torch.uint8)) & 1).reshape(-1)
     bits = bits[: count * width].view(count, width).to(torch.int64)
     return (bits << torch.arange(width, device=packed.device)).sum(dim=1)
@@ -230,7 +285,7 @@ def sign_dequantize(bits: torch.Tensor, scales: torch.Tensor, block: int, n: int
     out = torch.empty(n, dtype=torch.float32, device=bits.device)
     for start, end in _chunks(n, block):
         o = out[start:end]
-        o.copy_(_unpack_small(bits[start // 8 : (end + 7) // 8], 1, end - start))
+        o.copy_(_unpack(bits[start // 8 : (end + 7) // 8], 1, end - start))
         o.mul_(2).sub_(1)
         whole = (end - start) // block
         o[: whole * block].view(whole, block).mul_(scales[start // block : start // block + whole, None])
