@@ -35,7 +35,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "pytest-timeout", "constriction"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "pytest-timeout", "constriction", "dp-accounting"],
+        "dp": ["dp-accounting"],
         "entropy": ["constriction"],
         "peers": ["bitsandbytes"],
         "fl": ["transformers", "peft", "flwr[simulation]>=1.42", "tokenizers", "safetensors", "matplotlib"],

@@ -1,2 +1,2 @@
 """Codec families, one module each; importing this package registers them all."""
-from . import cast, entropy, lossless, lowrank, qsgd, quant, sign, sparse  # noqa: F401
+from . import cast, dp, entropy, lossless, lowrank, qsgd, quant, sign, sparse  # noqa: F401
