@@ -184,7 +184,7 @@ def unpack(blob: bytes, max_output_bytes: int | None = None, layout: Tensors | w
         raise CorruptPayload(f"malformed payload: {e}") from e
 
 
-def _decompress(spec: str, data: memoryview, size: int) -> bytes:
+def _decompress(spec: str, data: memoryview, size: int, places: list[wire.SectionPlace]) -> bytes:
     """Undo the byte stage that ends `spec` (zstd, ans, ...): exactly `size` bytes or CorruptPayload."""
     try:
         stage = byte_stage_of(spec)
@@ -192,7 +192,7 @@ def _decompress(spec: str, data: memoryview, size: int) -> bytes:
         raise CorruptPayload(f"payload names an invalid codec spec {spec!r}: {e}") from None
     if stage is None:
         raise CorruptPayload(f"payload region is marked compressed but its spec {spec!r} ends in no byte stage")
-    return stage.decompress(data, size)
+    return stage.decompress(data, size, places)
 
 
 class PipelineCodec(Codec):

@@ -18,6 +18,7 @@ import struct
 import sys
 import zlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -120,6 +121,19 @@ class Layout:
             table += _layout_entry(previous, name, dtype, shape)
             previous = name.encode("utf-8")
         return hashlib.sha256(bytes(table)).digest()[:LAYOUT_FINGERPRINT_BYTES]
+
+
+class SectionPlace(NamedTuple):
+    """Where a section lies in the payload region, as both ends know it from the section table: what a
+    byte stage may use to model each kind of section on its own (gradcodec.codecs.entropy)."""
+
+    offset: int
+    nbytes: int
+    itemsize: int
+    slot: int  # the section's index within its tensor's list; shared sections: SHARED_SLOT + index
+
+
+SHARED_SLOT = 1000
 
 
 @dataclass
@@ -229,8 +243,8 @@ def pack(msg: Message, compress=None, by_reference: bool = False) -> bytes:
 
     by_reference: write the tensor table as the 8-byte fingerprint of `Layout.of` the message's
     tensors (version 2) instead of their names, dtypes and shapes; the decoder must hold that layout.
-    `compress(buffers, total)`, if given, turns the payload region (the concatenation of `buffers`,
-    `total` bytes) into the byte stage's output (one zstd frame, an ANS stream), returned as pieces
+    `compress(buffers, total, places)`, if given, turns the payload region (the concatenation of
+    `buffers`, `total` bytes, whose sections lie at `places`) into the byte stage's output (one zstd frame, an ANS stream), returned as pieces
     to be concatenated.
     """
     _require_little_endian()
@@ -240,16 +254,18 @@ def pack(msg: Message, compress=None, by_reference: bool = False) -> bytes:
     if len(msg.fingerprint) > MAX_FINGERPRINT:
         raise ValueError(f"model fingerprint longer than {MAX_FINGERPRINT} bytes")
     chunks: list[memoryview] = []
+    places: list[SectionPlace] = []
     raw_len = 0
 
-    def section_list(sections: list[torch.Tensor]) -> bytes:
+    def section_list(sections: list[torch.Tensor], shared: bool = False) -> bytes:
         nonlocal raw_len
         out = bytearray(_varint(len(sections)))
-        for t in sections:
+        for slot, t in enumerate(sections):
             pad = _pad(raw_len, t.element_size())
             if pad:
                 chunks.append(memoryview(b"\0" * pad))
             data = _section_bytes(t)
+            places.append(SectionPlace(raw_len + pad, len(data), t.element_size(), SHARED_SLOT + slot if shared else slot))
             chunks.append(data)
             raw_len += pad + len(data)
             out += bytes([CODE_OF_DTYPE[t.dtype]]) + _varint(t.numel())
@@ -266,13 +282,13 @@ def pack(msg: Message, compress=None, by_reference: bool = False) -> bytes:
         for entry in msg.tensors:
             table += _layout_entry(previous, entry.name, entry.dtype, tuple(entry.shape)) + section_list(entry.sections)
             previous = entry.name.encode("utf-8")
-    table += section_list(msg.shared)
+    table += section_list(msg.shared, shared=True)
 
     head = _varint(len(spec)) + spec + _varint(len(msg.fingerprint)) + msg.fingerprint + _varint(raw_len) + table
     head += b"\0" * _pad(PRELUDE.size + len(head))
     flags = (FLAG_SINGLE if msg.single else 0) | (FLAG_LAYOUT_REF if by_reference else 0)
     if compress is not None:
-        stored = [memoryview(piece) for piece in compress(chunks, raw_len)]
+        stored = [memoryview(piece) for piece in compress(chunks, raw_len, places)]
         flags |= FLAG_ZSTD
     else:
         stored = chunks
@@ -453,7 +469,8 @@ def unpack(blob: bytes | bytearray | memoryview, max_output_bytes: int | None = 
 
     layout: what a by-reference payload names (see read_header).
 
-    `decompress(spec, data, size)` undoes the byte stage that ends the payload's codec spec: it must
+    `decompress(spec, data, size, places)` undoes the byte stage that ends the payload's codec spec
+    (`places`: the SectionPlace of every section, as `pack` gave them to the compressor): it must
     return exactly `size` bytes or raise CorruptPayload; it is needed only for payloads whose
     compressed flag is set.
     """
@@ -477,7 +494,9 @@ def unpack(blob: bytes | bytearray | memoryview, max_output_bytes: int | None = 
     if h.compressed:
         if decompress is None:
             raise CorruptPayload("payload is zstd-compressed but no decompressor was given")
-        region = bytearray(decompress(h.codec, stored, h.raw_payload_len))
+        slots = [i for t in h.tensors for i in range(len(t[3]))] + [SHARED_SLOT + i for i in range(len(h.shared))]
+        places = [SectionPlace(o, s.nbytes, _itemsize(s.dtype), slot) for o, s, slot in zip(offsets, all_sections, slots)]
+        region = bytearray(decompress(h.codec, stored, h.raw_payload_len, places))
     else:
         if h.raw_payload_len != h.stored_payload_len:
             raise CorruptPayload(

@@ -26,9 +26,12 @@ class ByteStage(Protocol):
 
     def wire_params(self) -> dict: ...
 
-    def compress(self, buffers: Sequence[bytes | memoryview], total: int) -> list[bytes]: ...
+    def compress(self, buffers: Sequence[bytes | memoryview], total: int, sections: Sequence | None = None) -> list[bytes]:
+        """The byte stage's output for the region `buffers` (`total` bytes); `sections`: the
+        wire.SectionPlace of each section in it, which the decoder is given too."""
 
-    def decompress(self, data: bytes | memoryview, size: int) -> bytes: ...
+    def decompress(self, data: bytes | memoryview, size: int, sections: Sequence | None = None) -> bytes:
+        """Exactly `size` bytes, or CorruptPayload; `sections` as given to compress."""
 
 
 @register("zstd")
@@ -46,7 +49,7 @@ class Zstd:
     def wire_params(self) -> dict:
         return {}  # the level only matters when compressing
 
-    def compress(self, buffers: Sequence[bytes | memoryview], total: int) -> list[bytes]:
+    def compress(self, buffers: Sequence[bytes | memoryview], total: int, sections: Sequence | None = None) -> list[bytes]:
         """One zstd frame of the concatenated `buffers` (`total` bytes), as pieces to be concatenated.
 
         The input goes in slices of STEP bytes and the pieces are left unjoined: the caller copies
@@ -61,8 +64,8 @@ class Zstd:
         pieces.append(stream.flush())
         return pieces
 
-    def decompress(self, data: bytes | memoryview, size: int) -> bytes:
-        """Decompress one zstd frame that must expand to exactly `size` bytes.
+    def decompress(self, data: bytes | memoryview, size: int, sections: Sequence | None = None) -> bytes:
+        """Decompress one zstd frame that must expand to exactly `size` bytes (`sections` unused).
 
         The frame's own content-size field is not trusted: output is read in bounded chunks and
         decompression stops as soon as it would pass `size`.
