@@ -75,8 +75,10 @@ def load_model(cfg: FedTrainConfig) -> tuple[torch.nn.Module, Any, dict[str, tor
         if key not in _models:
             _models.clear()
             dtype = getattr(torch, cfg.dtype)
-            if cfg.model in fl_model.PRESETS and cfg.pretrained:
+            if fl_model.is_preset(cfg.model) and cfg.pretrained:
                 base = fl_model.pretrained_base(cfg.model, progress=cfg.progress).to(dtype)
+                if cfg.gradient_checkpointing:
+                    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 base = fl_model.build_model(cfg.model, dtype=dtype, gradient_checkpointing=cfg.gradient_checkpointing)
             model = fl_model.attach_lora(base, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.targets,

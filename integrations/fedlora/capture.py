@@ -79,7 +79,7 @@ def _model_and_tokenizer(config: CaptureConfig):
     from . import model as fl_model
 
     dtype = getattr(torch, config.dtype)
-    if config.model in fl_model.PRESETS and config.pretrained:
+    if fl_model.is_preset(config.model) and config.pretrained:
         base = fl_model.pretrained_base(config.model).to(dtype)
     else:
         base = fl_model.build_model(config.model, dtype=dtype, gradient_checkpointing=config.device != "cpu")

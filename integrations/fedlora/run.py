@@ -58,7 +58,7 @@ def train_learned_codec(spec: str, cfg: FedTrainConfig) -> str:
     from gradcodec.learned.tgap import TrainConfig, train_autoencoder
 
     from .capture import run_federated
-    from .model import PRESETS, default_cache_dir, lora_shapes
+    from .model import default_cache_dir, is_preset, lora_shapes
 
     try:
         ratio = float(Fraction(cfg.cgfed_ratio))
@@ -66,7 +66,7 @@ def train_learned_codec(spec: str, cfg: FedTrainConfig) -> str:
         ratio = float("nan")
     if not 0 < ratio <= 1:
         raise ValueError(f"cgfed_ratio must be a fraction in (0, 1] such as 1/64, got {cfg.cgfed_ratio!r}")
-    if cfg.model in PRESETS:  # a ratio the AE cannot have fails now, not after the pilot's minutes
+    if is_preset(cfg.model):  # a ratio the AE cannot have fails now, not after the pilot's minutes
         AEConfig.block(CanvasLayout.for_shapes(lora_shapes(cfg.model, cfg.lora_rank, cfg.targets)), ratio)
     pilot = tgap_pilot(cfg)
     # The block AE's per-tile PCA start is its fit: Adam on top overfits (docs/results.md), so no steps.
