@@ -73,7 +73,8 @@ class Stage(ABC):
         """
         e = x.float() + residual.view(x.shape)
         sections = self.encode(e, ctx)
-        residual.view(x.shape).copy_(e.sub_(self.decode(sections, tuple(x.shape)).to(e.device)))
+        # not in place on e: a section may alias it (raw float32 behind the lossy dp pre-pass)
+        torch.sub(e, self.decode(sections, tuple(x.shape)).to(e.device), out=residual.view(x.shape))
         return sections
 
     def state_dict(self) -> dict[str, torch.Tensor]:
