@@ -226,3 +226,11 @@ def test_accounting_refuses_bad_parameters(args, problem):
         privacy.epsilon(*args)
     with pytest.raises(InvalidInput, match="delta"):
         privacy.epsilon(1.0, 0.2, 5, delta=0.0)
+
+
+def test_error_feedback_behind_dp_with_a_raw_codec_sends_the_private_update_and_keeps_no_residual():
+    """raw float32 hands its input on as the section: the residual must not be computed in place on it."""
+    x = update(scale=3.0)
+    codec = gradcodec.get_codec("dp:clip=1.0,noise=0|raw", error_feedback=True)
+    torch.testing.assert_close(flat(gradcodec.decode(codec.encode(x))), flat(prepare("dp:clip=1.0,noise=0|raw", x)), rtol=0, atol=0)
+    assert all(not r.any() for r in codec.residuals.values())
