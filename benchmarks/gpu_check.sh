@@ -35,7 +35,7 @@ if [ "$device" = cuda ]; then
     kernel_n=16M
     gpu_tests=(tests)
     kernel_suites=(benchmarks -k cuda)
-    limits=(75 75 60 90)  # seconds: gpu tests, kernel suites, bench 16M, bench 256M
+    limits=(60 75 75 90)  # seconds: gpu tests, kernel suites, bench 16M, bench 256M
 else
     sizes=(64K 256K)
     kernel_n=64K
