@@ -40,6 +40,7 @@ setup(
         "entropy": ["constriction"],
         "peers": ["bitsandbytes"],
         "fl": ["transformers", "peft", "flwr[simulation]>=1.42", "tokenizers", "safetensors", "matplotlib"],
+        "nvflare": ["nvflare>=2.9"],
     },
     entry_points={"console_scripts": ["gradcodec = gradcodec.cli:main"]},
 )
