@@ -221,6 +221,8 @@ CODEC_SETS = {
         "powersgd:rank=4|fp16",
         "powersgd:rank=1|fp16",
     ],
+    # blockwise absmax at every width, both roundings, beside sign: the rate-distortion curve from 1 to 8 bits
+    "widths": ["sign"] + [f"int{b}{s}" for b in range(1, 9) for s in ("", ":stochastic=true")],
 }
 
 
