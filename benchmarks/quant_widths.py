@@ -22,7 +22,6 @@ import time
 import torch
 
 import gradcodec
-import gradcodec.codecs.budget  # noqa: F401  (registers "budget")
 from gradcodec import metrics
 from gradcodec.bench.runner import CODEC_SETS
 from gradcodec.bench.workloads import make_workload

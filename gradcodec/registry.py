@@ -47,9 +47,10 @@ def _load() -> None:
     global _LOADED
     if not _LOADED:
         importlib.import_module("gradcodec.codecs")
-        # the learned codec subclasses gradcodec.codec.Codec, whose module imports gradcodec.codecs:
-        # it cannot be imported from that package's __init__ without a cycle
-        importlib.import_module("gradcodec.codecs.learned")
+        # whole-set codecs subclass gradcodec.codec.Codec, whose module imports gradcodec.codecs:
+        # they cannot be imported from that package's __init__ without a cycle
+        for module in ("gradcodec.codecs.learned", "gradcodec.codecs.budget"):
+            importlib.import_module(module)
         _LOADED = True
 
 

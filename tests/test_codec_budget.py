@@ -6,7 +6,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import gradcodec
-import gradcodec.codecs.budget  # noqa: F401  (registers "budget"; see the report on registry._load)
 from gradcodec import metrics, wire
 from gradcodec.errors import CorruptPayload, InvalidInput
 from tests.strategies import FAST, tensors
