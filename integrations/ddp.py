@@ -87,10 +87,6 @@ class GradcodecHookState:
         return {"payload": self.payload_bytes / steps, "wire": self.wire_bytes / steps,
                 "uncompressed": self.uncompressed_bytes / steps}
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every bucket codec's client state (residuals, warm-start factors), for checkpoints."""
-        return {f"{i}.{k}": v for i, (_, c) in self._codecs.items() for k, v in c.state_dict().items()}
-
 
 def _rank(group: dist.ProcessGroup | None) -> int:
     return dist.get_rank(group) if dist.is_initialized() else 0
