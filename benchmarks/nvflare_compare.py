@@ -106,12 +106,12 @@ def compare_codecs(updates: list[dict[str, torch.Tensor]], repeats: int) -> list
     return rows
 
 
-def job_losses(rounds: int, workspace: str) -> list[dict]:
+def job_losses(rounds: int, workspace: str, methods: list[str | None]) -> list[dict]:
     """Final eval loss of the FLARE simulator job with each uplink method (FLARE quantizer or gradcodec spec)."""
     from nvflare.job_config.defs import FilterType
 
     rows = []
-    for method in JOB_METHODS:
+    for method in methods:
         spec = method if method and not method.startswith("flare:") else None
         job = build_job(spec, rounds=rounds, pretrained=True)
         if method and method.startswith("flare:"):
@@ -131,6 +131,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--jobs", action="store_true", help="also run the FLARE job with each method")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each FLARE job")
+    parser.add_argument("--methods", default=",".join(m or "none" for m in JOB_METHODS),
+                        help="comma-separated uplink methods of the jobs: none, flare:<type>, or a gradcodec spec")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -144,7 +146,8 @@ def main() -> None:
     jobs = []
     if args.jobs:
         with tempfile.TemporaryDirectory() as ws:
-            jobs = job_losses(args.rounds, ws)
+            methods = [None if m == "none" else m for m in args.methods.split(",")]
+            jobs = job_losses(args.rounds, ws, methods)
         print("| uplink | final eval loss | job s |")
         print("|---|---|---|")
         for r in jobs:
@@ -152,7 +155,7 @@ def main() -> None:
     if args.out:
         import nvflare
 
-        meta = {"command": "python benchmarks/nvflare_compare.py" + (f" --jobs --rounds {args.rounds}" if args.jobs else ""),
+        meta = {"command": "python benchmarks/nvflare_compare.py" + (f" --jobs --rounds {args.rounds} --methods '{args.methods}'" if args.jobs else ""),
                 "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), shared with other jobs; 1 torch thread",
                 "nvflare": nvflare.__version__, "torch": torch.__version__,
                 "updates": f"{len(updates)} LoRA updates (rank 8, q/k/v/o, tiny preset pre-trained), "
