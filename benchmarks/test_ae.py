@@ -6,8 +6,9 @@ packing), `decode` what the server runs. The copy is torch.cat of the adapter's 
 one buffer split back into them (decode). `reference` forces GRADCODEC_KERNELS=reference (the CPU
 path); `dispatched` is the default selection (Triton kernels on CUDA). AEs have random weights (speed
 does not depend on training), at 1/64: the conv AE with widths 8..64, the light (block) AE with
-per-factor tiles for tiny and 64x1 tiles for LLaMA-7B (docs/codecs.md). The conv AE on a 7B canvas
-takes seconds per call on a CPU: set GRADCODEC_BENCH_SLOW=1 to include it there.
+per-factor tiles for tiny and 64x1 tiles for LLaMA-7B (docs/codecs.md), and the shared AE (weights
+shared across layers, 512-value tiles). The conv AE on a 7B canvas takes seconds per call on a CPU:
+set GRADCODEC_BENCH_SLOW=1 to include it there.
 """
 import os
 
@@ -31,6 +32,8 @@ def setup(name: str, arch: str, device: str):
     layout = CanvasLayout.for_shapes(shapes)
     if arch == "conv":
         config = AEConfig.conv(layout, 1 / 64, width=8, max_channels=64)
+    elif arch == "shared":
+        config = AEConfig.shared(layout, 1 / 64)
     else:
         config = AEConfig.block(layout, 1 / 64, *((None, None) if preset == "tiny" else (64, 1)))
     torch.manual_seed(0)
@@ -52,12 +55,12 @@ def test_copy(benchmark, device, name, verb):
 
 
 @pytest.mark.parametrize("backend", ["reference", "dispatched"])
-@pytest.mark.parametrize("arch", ["block", "conv"])
+@pytest.mark.parametrize("arch", ["block", "conv", "shared"])
 @pytest.mark.parametrize("verb", ["encode", "decode"])
 @pytest.mark.parametrize("name", sorted(ADAPTERS))
 def test_cgfed(benchmark, monkeypatch, device, name, verb, arch, backend):
-    if backend == "dispatched" and device == "cpu":
-        pytest.skip("on CPU the dispatched path is the reference")
+    if backend == "dispatched" and (device == "cpu" or arch == "shared"):
+        pytest.skip("on CPU the dispatched path is the reference; the shared AE is plain PyTorch on every device")
     if arch == "conv" and name.startswith("llama") and device == "cpu" and not os.environ.get("GRADCODEC_BENCH_SLOW"):
         pytest.skip("the conv AE on a 7B canvas takes seconds per call on a CPU; set GRADCODEC_BENCH_SLOW=1")
     if backend == "reference":

@@ -18,7 +18,8 @@ from .test_learned_model import low_rank_set
 SHAPES = {"l0.q.lora_A": (4, 32), "l0.q.lora_B": (32, 4), "l0.k.lora_A": (4, 32), "l0.k.lora_B": (16, 4),
           "l1.q.lora_A": (4, 32), "l1.q.lora_B": (32, 4), "l1.k.lora_A": (4, 32), "l1.k.lora_B": (16, 4)}
 LAYOUT = CanvasLayout.for_shapes(SHAPES)
-ARCHS = {"conv": AEConfig.conv(LAYOUT, 1 / 4, stages=2, width=4), "block": AEConfig.block(LAYOUT, 1 / 8)}
+ARCHS = {"conv": AEConfig.conv(LAYOUT, 1 / 4, stages=2, width=4), "block": AEConfig.block(LAYOUT, 1 / 8),
+         "shared": AEConfig.shared(LAYOUT, 1 / 8)}
 
 
 @functools.cache

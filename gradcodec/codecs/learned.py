@@ -2,7 +2,7 @@
 Fine-tuning for Large Language Models", arXiv 2405.13746), made to work on round updates.
 
     update (+ EF residual) ──▶ LoRA canvas, per-factor RMS scales ──▶ AE encoder ──▶ latent ──▶ int8/int4
-          [named A/B factors]        (kernels.canvas_pack)              (conv | block)      (quantize_blockwise)
+          [named A/B factors]        (kernels.canvas_pack)          (conv | block | shared)  (quantize_blockwise)
                                                                                                  │
     update ◀── unpack × scales ◀── AE decoder ◀── dequantise ◀───────────── bytes ◀──────────────┘
           (kernels.canvas_unpack)                                   + optional top-k of the AE's residual
@@ -14,7 +14,9 @@ the layer or the A/B gauge; the scales travel (fp32, 4 bytes per factor).
 
 Payload: every float tensor is listed in the tensor table (names and shapes give the canvas layout);
 the AE's sections are shared: factor scales (fp32), latent codes (int8, or int4 nibbles), and for the
-conv AE the latent block scales (fp32). With `residual=R`, each tensor also carries
+conv AE the latent block scales (fp32). The `shared` AE (gradcodec.learned.model) reads the factors
+directly, with no canvas: per factor type, its layers stacked; its codes are per type [layers, bands,
+latents], types in order of first appearance, and its scales are the same per-factor RMS. With `residual=R`, each tensor also carries
 `topk:ratio=R|int8` of what the AE missed. Integer and bool tensors travel raw. The header's
 fingerprint names the AE (gradcodec.learned.modelfile); decoding with another AE raises ModelMismatch.
 
@@ -32,6 +34,7 @@ Shared state: none beyond the model file; the decoder needs no earlier payload.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -40,10 +43,10 @@ from .. import kernels, wire
 from ..codec import RAW, Codec, check_finite
 from ..errors import CorruptPayload, InvalidInput, ModelMismatch
 from ..learned.canvas import CanvasLayout
-from ..learned.model import LATENT_QMAX
+from ..learned.model import LATENT_QMAX, band_stack, factor_types, unband
 from ..learned.modelfile import LearnedModel, load_model
 from ..registry import build, canonical_spec, register
-from .base import EncodeContext, check_section, power_of_two_block
+from .base import EncodeContext, all_finite, check_section, power_of_two_block
 
 # RMS scales come from a sum of squares, which overflows fp32 for values beyond ~1.8e19
 MAX_SCALE = 2.0**63
@@ -125,9 +128,43 @@ class CGFedCodec(Codec):
         codes = latent[0]
         if self.bits == 4:
             codes = (kernels.unpack_bits(codes, 4, cfg.latent_numel) - 8).to(torch.int8)
+        if cfg.arch == "shared":
+            return self._shared_decode(decoder.to(device), layout, codes, scales)
         return kernels.block_decode(table, codes.view(cfg.latent_shape), scales, layout.height,
                                     decoder.weight.detach().to(device), decoder.bias.detach().to(device),
                                     cfg.block_rows, cfg.block_cols, outputs, LATENT_QMAX[self.bits])
+
+    def _shared_decode(self, decoder, layout: CanvasLayout, codes: torch.Tensor, scales: torch.Tensor) -> list[torch.Tensor]:
+        types = factor_types(layout)
+        u = codes.float().div_(LATENT_QMAX[self.bits])
+        latents, at = [], 0
+        for (_, a, b, n, band, k) in decoder.config.types:
+            size = n * -(-max(a, b) // band) * k
+            latents.append(u[at:at + size].view(-1, n, k))
+            at += size
+        with torch.no_grad():
+            tiles = decoder(latents, [scales[list(t.members)] for t in types])
+        outputs: list[torch.Tensor] = [None] * len(layout.factors)  # type: ignore[list-item]
+        for t, cfg_type, y in zip(types, decoder.config.types, tiles):
+            for j, i in enumerate(t.members):
+                outputs[i] = unband(y, j, t.shape, cfg_type[4])
+        return outputs
+
+    def _shared_encode(self, encoder, layout: CanvasLayout, sources: list[torch.Tensor],
+                       res: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 codes [latent_numel], fp32 scales [factors]) of the shared AE: per type, its factors'
+        tiles stacked band-major (band_stack), codes [bands, layers, latents]."""
+        types = factor_types(layout)
+        if res is not None:
+            sources = [x.float() + r for x, r in zip(sources, res)]
+        scales = torch.stack([torch.linalg.vector_norm(x, dtype=torch.float32) for x in sources])
+        scales /= torch.tensor([math.sqrt(x.numel()) for x in sources], device=scales.device)
+        tiles = [band_stack([sources[i] for i in t.members], cfg_type[4]).float()
+                 for t, cfg_type in zip(types, encoder.config.types)]
+        zs = encoder(tiles, [scales[list(t.members)] for t in types])
+        qmax = LATENT_QMAX[self.bits]
+        codes = torch.cat([z.reshape(-1) for z in zs]).tanh_().mul_(qmax).add_(0.5).floor_().clamp_(-qmax, qmax)
+        return codes.to(torch.int8), scales
 
     # ------------------------------------------------------------------ encode
     def encode_named(self, named, residuals):
@@ -154,6 +191,10 @@ class CGFedCodec(Codec):
                 self._check_scales(scales, floats)
                 z = encoder.to(device)(canvas[None]).reshape(-1)
                 latent = list(kernels.quantize_blockwise(z, self.bits, self.latent_block))
+            elif cfg.arch == "shared":
+                codes, scales = self._shared_encode(encoder.to(device), layout, sources, res)
+                self._check_scales(scales, floats)
+                latent = [codes if self.bits == 8 else kernels.pack_bits((codes + 8).to(torch.uint8), 4)]
             else:
                 codes, scales = kernels.block_encode(table, sources, layout.height, cfg.padded_shape,
                                                      encoder.weight.detach().to(device), encoder.bias.detach().to(device),
@@ -220,7 +261,7 @@ class CGFedCodec(Codec):
         for t, label in [(scales, "factor scales")] + ([(latent[1], "latent scales")] if cfg.arch == "conv" else []):
             if t.numel() and not bool(((t >= 0) & (t < MAX_SCALE)).all()):
                 raise CorruptPayload(f"cgfed {label} must be finite, non-negative and below 2**63")
-        if cfg.arch == "block":
+        if cfg.arch != "conv":
             self._check_block_codes(latent[0], cfg.latent_numel)
 
         decoded = dict(zip((f.name for f in layout.factors), self._decode_factors(model, layout, scales, latent, device)))
@@ -238,7 +279,7 @@ class CGFedCodec(Codec):
             if want:
                 t += self.residual_stage.decode([s.to(device) for s in entry.sections], entry.shape).to(device)
             out[entry.name] = t
-        if not all(bool(torch.isfinite(t).all()) for n, t in out.items() if t.is_floating_point()):
+        if not all(all_finite(t) for t in out.values() if t.is_floating_point()):
             raise CorruptPayload("cgfed payload decodes to non-finite values")
         return out
 

@@ -1,9 +1,9 @@
 """The learned codec `cgfed` (CG-FedLLM made to work on round updates): its parts, one module each.
 
     canvas      LoRA factors <-> one 2-D canvas (CanvasLayout, lora_canvas_from_adapter, adapter_from_lora_canvas)
-    model       the AutoEncoders: the paper's conv AE and the light per-block AE (AEConfig, AutoEncoder)
+    model       the AutoEncoders: the paper's conv AE, the light per-block AE and the shared (scalable) one
     modelfile   the model file: safetensors + config + fingerprint, encoder-only / decoder-only parts
-    tgap        TGAP: train an AE on captured round updates (train_autoencoder)
+    tgap        TGAP: train an AE on captured round updates (train_autoencoder; fit_shared streams a capture)
     faf         FAF: the codec in the federated loop (FAFClient, FAFServer: decoder adaptation)
     evaluate    held-out figures next to classic codecs at the same bytes
     cli         `gradcodec capture`, `train-ae`, `eval-ae`

@@ -57,7 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, help="model file (encoder + decoder)")
     t.add_argument("--encoder-out", help="also write an encoder-only file (for clients)")
     t.add_argument("--decoder-out", help="also write a decoder-only file (for the server)")
-    t.add_argument("--arch", default="block", choices=["block", "conv"])
+    t.add_argument("--arch", default="block", choices=["block", "conv", "shared"],
+                   help="block: per-position tiles (small adapters); shared: weights shared across layers (1B-70B); "
+                        "conv: the paper's AE")
     t.add_argument("--ratio", type=parse_ratio, default=parse_ratio("1/64"), help="latent / canvas values, e.g. 1/64")
     t.add_argument("--representation", default="update", choices=["update", "state"],
                    help="what the AE encodes: the round update (ours) or the LoRA state (the paper's)")
@@ -69,7 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--stages", type=int, default=6, help="conv: stride-2 stages")
     t.add_argument("--width", type=int, default=8, help="conv: channels of the first stage (doubling, capped at --max-channels)")
     t.add_argument("--max-channels", type=int, default=64)
-    t.add_argument("--block-rows", type=int, help="block: tile rows (default: the canvas height)")
+    t.add_argument("--block-rows", type=int, help="block: tile rows (default: the canvas height); shared: band "
+                                                      "length along each factor's long side (default: 512 / rank)")
     t.add_argument("--block-cols", type=int, help="block: tile columns (default: the LoRA rank)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")
@@ -164,17 +167,31 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    records = [r for path in args.capture for r in load_capture(path)["records"]]
-    train, held = _split(records, args.held_out)
-    snapshots = [dict(r[args.representation]) for r in train]
-    layout = CanvasLayout.of(snapshots[0])
-    if args.arch == "conv":
+    if args.arch == "shared":  # streamed from the capture files: never all snapshots in memory
+        from .tgap import CaptureSnapshots
+
+        records = list(CaptureSnapshots(args.capture).records())  # memory-mapped: tensors are read when used
+        if args.held_out:
+            train, held = records, list(CaptureSnapshots([args.held_out]).records())
+        else:
+            train, held = _split(records, None)
+        train_clients = {r["client"] for r in train}
+        snapshots = CaptureSnapshots(args.capture, args.representation, keep=lambda r: r["client"] in train_clients)
+        layout = CanvasLayout.of(dict(train[0][args.representation]))
+    else:
+        records = [r for path in args.capture for r in load_capture(path)["records"]]
+        train, held = _split(records, args.held_out)
+        snapshots = [dict(r[args.representation]) for r in train]
+        layout = CanvasLayout.of(snapshots[0])
+    if args.arch == "shared":
+        ae_config = AEConfig.shared(layout, args.ratio, args.block_rows)
+    elif args.arch == "conv":
         ae_config = AEConfig.conv(layout, args.ratio, stages=args.stages, width=args.width, max_channels=args.max_channels)
     else:
         ae_config = AEConfig.block(layout, args.ratio, args.block_rows, args.block_cols)
-    steps = args.steps if args.steps is not None else (0 if args.arch == "block" else 1000)
+    steps = args.steps if args.steps is not None else (1000 if args.arch == "conv" else 0)
     config = TrainConfig(loss=args.loss, lr=args.lr, steps=steps, batch_size=args.batch_size, seed=args.seed, init=args.init)
-    print(f"TGAP: {len(snapshots)} {args.representation} snapshots, canvas {layout.shape}, {args.arch} AE, "
+    print(f"TGAP: {len(train)} {args.representation} snapshots, canvas {layout.shape}, {args.arch} AE, "
           f"latent {ae_config.latent_shape} (ratio 1/{round(1 / ae_config.ratio)})", flush=True)
     model = train_autoencoder(snapshots, ae_config, config, device=args.device, progress=True)
 

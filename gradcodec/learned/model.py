@@ -1,4 +1,4 @@
-"""The AutoEncoders of the learned codec: the paper's convolutional AE and a light per-block one.
+"""The AutoEncoders of the learned codec: the paper's convolutional AE, a light per-block one and a shared one.
 
     canvas [H, W] ──▶ Encoder ──▶ latent (ratio x H·W values) ──▶ Decoder ──▶ canvas [H, W]
 
@@ -19,6 +19,18 @@ adapter tensors to int8 codes and back, which makes it the choice for CPU-only c
 2 x canvas values x latents per tile: per-factor tiles suit small adapters; large ones need short
 tiles (block_rows=64, block_cols=1 at 1/64 is 2 x 8.4M weights for LLaMA-7B q/k/v/o, rank 8).
 
+`shared` (the scalable variant, for 1B-70B adapters): the block AE's per-position maps, shared across
+layers. Factors whose names differ only in their numbers ("layers.3.self_attn.q_proj.lora_A") and that
+have one shape form a *type*; the long side of each factor is cut into bands of `block_rows`, a tile
+is one band across the whole rank, and every (type, band) has one encoder and one decoder matrix,
+used for that band of every layer. A small per-layer part, one gain per (layer, band), rescales each
+layer's latents to the fixed code range. Its encoder holds (values of one layer's factors) x latents
+per tile weights, whatever the number of layers: with 512-value tiles at 1/64 (8 latents) that is 8 x
+a layer, 8.4 MB for LLaMA-2-7B q/k/v/o r8 against 33.5 MB for one fp32 update of its 32 layers. It
+works on the factors as they are, with no canvas: a tile is read in the tensor's own orientation (an
+[r, L] LoRA A gives [r, band] tiles), and each factor's RMS scale is applied to the latent, not the
+input. Grouped-query k/v factors are types of their own shape.
+
 Encoders and decoders are separate modules: a client loads only the encoder, a server only the decoder
 (gradcodec.learned.modelfile).
 """
@@ -27,6 +39,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +50,7 @@ from torch.nn import functional as F
 from ..errors import InvalidInput
 from .canvas import CanvasLayout
 
-ARCHS = ("conv", "block")
+ARCHS = ("conv", "block", "shared")
 LATENT_QMAX = {8: 127, 4: 7}
 
 
@@ -59,9 +73,12 @@ class AEConfig:
     block_rows: int = 0
     block_cols: int = 0
     latents: int = 0  # per tile
+    # shared: one (pattern, rows, cols, layers, band, latents) per factor type, block_rows the requested band
+    types: tuple[tuple[str, int, int, int, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "types", tuple((str(t[0]), *(int(v) for v in t[1:])) for t in self.types))
         if self.arch not in ARCHS:
             raise InvalidInput(f"AE arch must be one of {ARCHS}, got {self.arch!r}")
         if min(self.canvas_height, self.canvas_width) < 1:
@@ -74,6 +91,8 @@ class AEConfig:
                 raise InvalidInput("a block AE needs block_rows, block_cols and latents >= 1")
             if self.canvas_width % self.block_cols:
                 raise InvalidInput(f"block_cols={self.block_cols} must divide the canvas width {self.canvas_width}")
+        if self.arch == "shared" and (not self.types or any(len(t) != 6 or min(t[1:]) < 1 for t in self.types)):
+            raise InvalidInput("a shared AE needs one (pattern, rows, cols, layers, band, latents >= 1) per factor type")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -105,8 +124,26 @@ class AEConfig:
         return cls("block", *layout.shape, layout.digest(), block_rows=rows, block_cols=block_cols,
                    latents=round(latents))
 
+    @classmethod
+    def shared(cls, layout: CanvasLayout, ratio: float = 1 / 64, block_rows: int | None = None) -> "AEConfig":
+        """The scalable AE for `layout`: bands of `block_rows` (default: 512-value tiles, 64 rows at rank 8,
+        32 at rank 16), a type's whole long side when shorter; latents = tile * ratio per type."""
+        types = []
+        for t in factor_types(layout):
+            rows = block_rows or max(1, 512 // t.rank)
+            band = min(rows, t.length)
+            latents = band * t.rank * ratio
+            if latents < 1 or abs(latents - round(latents)) > 1e-9:
+                raise InvalidInput(f"ratio {ratio} of a {band}x{t.rank} tile of {t.pattern!r} is not a whole number "
+                                   "of latents; choose --block-rows so that block_rows * rank * ratio is")
+            types.append((t.pattern, *t.shape, len(t.members), band, round(latents)))
+        return cls("shared", *layout.shape, layout.digest(), block_rows=block_rows or 0, types=tuple(types))
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        data = dataclasses.asdict(self)
+        if not data["types"]:  # configs written before the shared AE existed keep their JSON (and fingerprint)
+            del data["types"]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> "AEConfig":
@@ -134,6 +171,9 @@ class AEConfig:
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
+        if self.arch == "shared":
+            return (sum(n * bands * k for (_, a, b, n, band, k) in self.types
+                        for bands in [-(-max(a, b) // band)]),)
         h, w = self.padded_shape
         if self.arch == "conv":
             return self.latent_channels, h // self.multiple, w // self.multiple
@@ -145,7 +185,10 @@ class AEConfig:
 
     @property
     def ratio(self) -> float:
-        """Latent values per canvas value (the paper's compression rate, before quantisation)."""
+        """Latent values per canvas value (the paper's compression rate, before quantisation); for the
+        shared AE, which has no canvas, per adapter value."""
+        if self.arch == "shared":
+            return self.latent_numel / sum(n * a * b for (_, a, b, n, _, _) in self.types)
         return self.latent_numel / (self.canvas_height * self.canvas_width)
 
 
@@ -251,6 +294,122 @@ class BlockDecoder(nn.Module):
         return y.reshape(n, bands * c.block_rows, groups * c.block_cols)[:, : c.canvas_height]
 
 
+# ------------------------------------------------------------------------------------------ shared AE
+
+LAYER_NUMBER = re.compile(r"\d+")
+
+
+@dataclass(frozen=True)
+class FactorType:
+    """Factors of one name pattern and shape (one per layer): they share the shared AE's weights."""
+
+    pattern: str  # the name with every number replaced by "#"
+    shape: tuple[int, int]
+    members: tuple[int, ...]  # their indices in the layout, in layout order
+
+    @property
+    def length(self) -> int:
+        return max(self.shape)
+
+    @property
+    def rank(self) -> int:
+        return min(self.shape)
+
+
+def factor_types(layout: CanvasLayout) -> tuple[FactorType, ...]:
+    """The layout's factors grouped by (name with numbers masked, shape), in order of first appearance.
+
+    Any number in a name counts as a layer index ("layers.3", "l3", "h.3"); two same-shaped targets
+    told apart only by a number (fc1 / fc2) share a type, which costs quality, not correctness."""
+    groups: dict[tuple[str, tuple[int, int]], list[int]] = {}
+    for i, f in enumerate(layout.factors):
+        groups.setdefault((LAYER_NUMBER.sub("#", f.name), f.shape), []).append(i)
+    return tuple(FactorType(p, shape, tuple(m)) for (p, shape), m in groups.items())
+
+
+def band_stack(tensors: Sequence[torch.Tensor], band: int) -> torch.Tensor:
+    """[bands, N, tile]: the tiles of N factors of one shape, band-major (one copy, no other pass).
+
+    A factor's long side is cut into bands of `band` (the last zero-padded); a tile is one band across
+    the whole rank, flattened in the tensor's own orientation: (rank, band) for an [r, L] LoRA A,
+    (band, rank) for an [L, r] LoRA B. Band-major, every band's tiles of all N factors are one matrix,
+    which meets that band's weights in one product."""
+    a, b = tensors[0].shape
+    long = max(a, b)
+    bands = -(-long // band)
+    views = []
+    for t in tensors:
+        if bands * band != long:
+            t = F.pad(t, (0, bands * band - b) if a < b else (0, 0, 0, bands * band - a))
+        views.append(t.view(a, bands, band).transpose(0, 1) if a < b else t.view(bands, band, b))
+    return torch.stack(views, dim=1).view(bands, len(tensors), -1)
+
+
+def unband(y: torch.Tensor, member: int, shape: tuple[int, int], band: int) -> torch.Tensor:
+    """Factor `member` of a band-major [bands, N, tile] stack, as a new contiguous tensor of `shape`."""
+    a, b = shape
+    bands = y.shape[0]
+    t = y[:, member]
+    if a < b:
+        out = t.view(bands, a, band).transpose(0, 1).reshape(a, bands * band)
+        return out[:, :b].contiguous() if bands * band != b else out
+    return t.reshape(bands * band, b)[:a]
+
+
+def safe_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Scales to divide by: a zero scale (an all-zero factor) divides by 1."""
+    return torch.where(scales > 0, scales, torch.ones_like(scales))
+
+
+def _shared_params(config: AEConfig, decoder: bool) -> tuple[nn.ParameterList, nn.ParameterList, nn.ParameterList]:
+    weight, bias, gain = nn.ParameterList(), nn.ParameterList(), nn.ParameterList()
+    for _, a, b, n, band, k in config.types:
+        tile, bands = band * min(a, b), -(-max(a, b) // band)
+        # [bands, latents, tile] in both halves: the encoder's product reads it transposed (dot products
+        # along contiguous tiles, the fast GEMM form for a handful of latents)
+        weight.append(nn.Parameter(torch.randn(bands, k, tile) / math.sqrt(k if decoder else tile)))
+        bias.append(nn.Parameter(torch.zeros(bands, tile if decoder else k)))
+        gain.append(nn.Parameter(torch.ones(bands, n)))
+    return weight, bias, gain
+
+
+class SharedEncoder(nn.Module):
+    """Per type, band-major tiles x [bands, layers, tile] and the factors' RMS scales [layers] ->
+    pre-activations z [bands, layers, latents] (the latent is tanh(z)).
+
+    z = (x @ weight[band]^T) * gain[band, layer] / scale[layer] + bias[band]: the product of the
+    unnormalised tiles, then the scale, so the factors are never divided."""
+
+    def __init__(self, config: AEConfig):
+        super().__init__()
+        self.config = config
+        self.weight, self.bias, self.gain = _shared_params(config, decoder=False)
+
+    def forward(self, tiles: Sequence[torch.Tensor], scales: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.bmm(x, self.weight[i].transpose(1, 2)).mul_((self.gain[i] / safe_scales(s))[..., None]).add_(self.bias[i][:, None])
+                for i, (x, s) in enumerate(zip(tiles, scales))]
+
+
+class SharedDecoder(nn.Module):
+    """Per type, latents u [bands, layers, latents] (in [-1, 1]) and scales [layers] -> band-major
+    tiles [bands, layers, tile] (unband gives the factors).
+
+    y = ((gain[band, layer] * u) @ weight[band] + bias[band]) * scale[layer], computed as
+    (u * gain * scale) @ weight, then bias * scale added in place (no temporary as large as the output)."""
+
+    def __init__(self, config: AEConfig):
+        super().__init__()
+        self.config = config
+        self.weight, self.bias, self.gain = _shared_params(config, decoder=True)
+
+    def forward(self, latents: Sequence[torch.Tensor], scales: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for i, (u, s) in enumerate(zip(latents, scales)):
+            y = torch.bmm(u * (self.gain[i] * s)[..., None], self.weight[i])
+            out.append(y.addcmul_(self.bias[i][:, None], s[:, None]) if self.bias[i].any() else y)
+        return out
+
+
 def quantize_tanh(z: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """tanh(z) rounded to the light AE's fixed grid k / QMAX, with a straight-through gradient."""
     t = torch.tanh(z)
@@ -260,11 +419,11 @@ def quantize_tanh(z: torch.Tensor, bits: int = 8) -> torch.Tensor:
 
 
 def build_encoder(config: AEConfig) -> nn.Module:
-    return ConvEncoder(config) if config.arch == "conv" else BlockEncoder(config)
+    return {"conv": ConvEncoder, "block": BlockEncoder, "shared": SharedEncoder}[config.arch](config)
 
 
 def build_decoder(config: AEConfig) -> nn.Module:
-    return ConvDecoder(config) if config.arch == "conv" else BlockDecoder(config)
+    return {"conv": ConvDecoder, "block": BlockDecoder, "shared": SharedDecoder}[config.arch](config)
 
 
 class AutoEncoder(nn.Module):
@@ -281,7 +440,13 @@ class AutoEncoder(nn.Module):
         self.encoder = encoder if encoder is not None else build_encoder(config)
         self.decoder = decoder if decoder is not None else build_decoder(config)
 
-    def forward(self, canvas: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    def forward(self, canvas, bits: int = 8):
+        """canvas [B, H, W] -> its reconstruction; the shared AE takes (tiles, scales) of one adapter,
+        per type in factor_types order (band_stack tiles, RMS scales), and returns its tiles."""
+        if self.config.arch == "shared":
+            tiles, scales = canvas
+            zs = self.encoder(tiles, scales)
+            return self.decoder([quantize_tanh(z, bits) if bits else torch.tanh(z) for z in zs], scales)
         z = self.encoder(canvas)
         if self.config.arch == "block":
             return self.decoder(quantize_tanh(z, bits) if bits else torch.tanh(z))

@@ -15,12 +15,20 @@ The light `block` AE is linear up to its tanh, so it starts from the closed-form
 code, each tile position's principal components (`init="pca"`), scaled so its latents have standard
 deviation 1/`PCA_SPREAD` (within tanh's near-linear range, a fine grid for the fixed-range codes); Adam
 then adapts it to the tanh and the quantisation. From random weights at lr 2e-4 it needs many more steps.
+
+The `shared` AE is fitted in closed form only (`fit_shared`): per (factor type, band), the principal
+directions of that band's tiles pooled over every layer and snapshot, then one gain per (layer, band)
+that brings each layer's latents to the common spread. It streams: each pass reads the snapshots one
+at a time (`CaptureSnapshots` iterates a capture file memory-mapped, record by record) and keeps only
+a Gram matrix per band, so memory is bounded by one snapshot plus the Grams (`max_gram_bytes`, types
+taken in chunks that fit, one pass per chunk), whatever the capture's length.
 """
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -28,7 +36,7 @@ import torch
 from .. import kernels
 from ..errors import InvalidInput
 from .canvas import CanvasLayout
-from .model import AEConfig, AutoEncoder
+from .model import AEConfig, AutoEncoder, band_stack, factor_types, safe_scales
 from .modelfile import LearnedModel
 
 LOSSES = ("mse", "nmse", "cosine")
@@ -133,6 +141,10 @@ def train_autoencoder(train: Sequence[Named], ae_config: AEConfig, config: Train
     The report (`model.training`) holds the loss curve (every `log_every` steps), the held-out loss,
     and how long it took; the codec-level figures come from gradcodec.learned.evaluate.
     """
+    if ae_config.arch == "shared":
+        if config.steps:
+            raise InvalidInput("the shared AE is fitted in closed form (PCA): train it with steps=0 (--steps 0)")
+        return fit_shared(train, ae_config, progress=progress)
     if not train:
         raise InvalidInput("TGAP needs at least one training snapshot")
     layout = CanvasLayout.of(train[0], height=ae_config.canvas_height)
@@ -174,3 +186,106 @@ def train_autoencoder(train: Sequence[Named], ae_config: AEConfig, config: Train
                     * len(x_held[i:i + 64]) for i in range(0, len(x_held), 64)) / len(x_held))
     return LearnedModel.trained(ae_config, ae.encoder.cpu(), ae.decoder.cpu(), training=report)
 
+
+
+class CaptureSnapshots:
+    """The `representation` snapshots of capture files, streamed: each iteration maps the files
+    (torch.load with mmap=True) and yields one record's tensors at a time, so only the records being
+    used are read into memory. `keep(record)` selects records (e.g. by client)."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], representation: str = "update", keep=None):
+        if representation not in ("update", "state"):
+            raise InvalidInput(f"representation must be 'update' or 'state', got {representation!r}")
+        self.paths, self.representation, self.keep = list(paths), representation, keep
+
+    def records(self) -> Iterator[Mapping]:
+        from ..capture import check_records, is_capture
+
+        for path in self.paths:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if not is_capture(obj):
+                raise InvalidInput(f"{path} is not a gradcodec capture file")
+            check_records(obj, str(path))
+            for r in obj["records"]:
+                if self.keep is None or self.keep(r):
+                    yield r
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for r in self.records():
+            if not r.get(self.representation):
+                raise InvalidInput(f"a capture record holds no {self.representation} (captured with --no-states?)")
+            yield dict(r[self.representation])
+
+
+def _type_tiles(tensors: list[torch.Tensor], members: Sequence[int], band: int) -> torch.Tensor:
+    """One type's band-major tiles [bands, layers, tile], each factor divided by its RMS as the codec does."""
+    x = [tensors[i].float() for i in members]
+    s = torch.stack([torch.linalg.vector_norm(t) for t in x]) / math.sqrt(x[0].numel())
+    return band_stack(x, band) / safe_scales(s)[:, None]
+
+
+@torch.no_grad()
+def fit_shared(snapshots: Iterable[Named], ae_config: AEConfig, max_gram_bytes: int = 1 << 30,
+               progress: bool = False) -> LearnedModel:
+    """The shared AE fitted to `snapshots` (re-iterable: a list or CaptureSnapshots) in streaming passes.
+
+    Per (type, band): the top `latents` eigenvectors of the uncentred Gram of its tiles over all
+    layers and snapshots, scaled as pca_init scales the block AE's; then per (band, layer) a gain so
+    that layer's latents have standard deviation 1 / PCA_SPREAD. Two passes per chunk of types whose
+    Grams fit in `max_gram_bytes` (float32)."""
+    if ae_config.arch != "shared":
+        raise InvalidInput(f"fit_shared fits the shared AE, not {ae_config.arch!r}")
+    started = time.perf_counter()
+    ae = AutoEncoder(ae_config)
+    layout, types, chunks, count = None, None, [[]], 0
+    for cfg_type in ae_config.types:
+        _, a, b, _, band, _ = cfg_type
+        need = -(-max(a, b) // band) * (band * min(a, b)) ** 2 * 4
+        if chunks[-1] and sum(c[1] for c in chunks[-1]) + need > max_gram_bytes:
+            chunks.append([])
+        chunks[-1].append((len([t for c in chunks for t in c]), need))
+    for chunk in chunks:
+        index = [i for i, _ in chunk]
+        grams = {i: torch.zeros(ae.encoder.weight[i].shape[0], ae.encoder.weight[i].shape[2],
+                                ae.encoder.weight[i].shape[2]) for i in index}
+        count = 0
+        for named in snapshots:
+            if layout is None:
+                layout = CanvasLayout.of(named, height=ae_config.canvas_height)
+                if layout.digest() != ae_config.layout_digest:
+                    raise InvalidInput("the snapshots' layout is not the one the AE config was built for")
+                types = factor_types(layout)
+            layout.check(named)
+            tensors = list(named.values())
+            for i in index:
+                t = _type_tiles(tensors, types[i].members, ae_config.types[i][4])
+                grams[i].baddbmm_(t.transpose(1, 2), t)
+            count += 1
+        if not count:
+            raise InvalidInput("TGAP needs at least one training snapshot")
+        samples = {}
+        for i in index:
+            evals, evecs = torch.linalg.eigh(grams.pop(i).double())  # ascending
+            k = ae_config.types[i][5]
+            basis = evecs.flip(-1)[..., :k]  # [bands, tile, k]
+            n = count * ae_config.types[i][3]
+            sd = (evals.flip(-1)[..., :k].clamp_min(0) / n).sqrt().clamp_min(1e-6)  # [bands, k]
+            ae.encoder.weight[i].copy_((basis / (PCA_SPREAD * sd[:, None, :])).transpose(1, 2))
+            ae.decoder.weight[i].copy_(basis.transpose(1, 2) * (PCA_SPREAD * sd[..., None]))
+            samples[i] = torch.zeros(basis.shape[0], ae_config.types[i][3], dtype=torch.float64)
+        for named in snapshots:  # per (layer, band) spread of the latents
+            tensors = list(named.values())
+            for i in index:
+                z = torch.bmm(_type_tiles(tensors, types[i].members, ae_config.types[i][4]),
+                              ae.encoder.weight[i].transpose(1, 2))
+                samples[i] += z.double().square().mean(-1)
+        for i in index:
+            rms = (samples[i] / count).sqrt()
+            gain = torch.where(rms > 1e-12, 1 / (PCA_SPREAD * rms), torch.ones_like(rms)).clamp(0.01, 100)
+            ae.encoder.gain[i].copy_(gain)
+            ae.decoder.gain[i].copy_(1 / gain)
+        if progress:
+            print(f"fitted {len(index)} of {len(ae_config.types)} factor types ({count} snapshots)", flush=True)
+    report = {"fit": "shared PCA (streaming)", "snapshots": count, "ratio": ae_config.ratio,
+              "seconds": round(time.perf_counter() - started, 1), "max_gram_bytes": max_gram_bytes}
+    return LearnedModel.trained(ae_config, ae.encoder, ae.decoder, training=report)
