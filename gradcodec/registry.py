@@ -166,12 +166,19 @@ def build(spec: str, params: dict[str, Any] | None = None, resources: dict[str, 
     kinds = [cls.kind for cls, _ in parsed]
     if "bytes" in kinds:
         raise InvalidInput(f"a byte stage (zstd) may only end a codec spec: {spec!r}")
+    misplaced = [cls.name for cls, _ in parsed[1:] if hasattr(cls, "prepare")]
+    if misplaced:
+        raise InvalidInput(f"{misplaced[0]!r} acts on the whole update and must be the first stage of the spec: {spec!r}")
     if "codec" in kinds:
+        prepass = parsed.pop(0) if len(parsed) == 2 and hasattr(parsed[0][0], "prepare") else None
         if len(parsed) != 1:
             raise InvalidInput(f"codec {parsed[kinds.index('codec')][0].name!r} cannot be combined with other stages")
         cls, raw = parsed[0]
         extra = {k: v for k, v in (resources or {}).items() if accepts(cls, k)}
-        return "codec", _construct(cls, raw, {**extra, "byte_stage": byte_stage}), byte_stage
+        codec = _construct(cls, raw, {**extra, "byte_stage": byte_stage})
+        if prepass is not None:  # a whole-update stage (dp) in front of a whole-update codec
+            codec.attach_prepass(_construct(prepass[0], prepass[1], {"inner": None}))
+        return "codec", codec, byte_stage
     if not parsed or parsed[-1][0].kind != "quantizer":
         parsed.append((lookup("raw"), {}))
     if any(cls.kind == "quantizer" for cls, _ in parsed[:-1]):

@@ -58,6 +58,11 @@ downlink every tensor is a value. The uplink sends as they are, exactly whatever
 arrays that are values: those without a float reference of the same shape and dtype (new keys), and
 those a lossless update cannot rebuild (below).
 
+Under a ``dp:...`` spec (client-level DP, gradcodec.codecs.dp) the mod never lets the app's own reply
+through: where it would otherwise fall back to sending it uncompressed (a failed encode, a missing
+learned model, a float array with no reference to measure an update from), it replies with an error
+instead, since those values have not been clipped and noised.
+
 Exactness and the downlink
 --------------------------
 * With a lossless uplink codec ("raw", "zstd") the rebuilt arrays are bit-identical to the app's: the
@@ -97,7 +102,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.app.message.message import remove_content_from_message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.serde import message_to_proto
@@ -134,6 +139,7 @@ COUNTER_KEY = "gradcodec:calls"  # context.state ConfigRecord counting compresse
 ROUNDS_KEY = "gradcodec:rounds"  # context.state ConfigRecord: state key -> the server round it was last used in
 
 _VERSION = 1  # handshake protocol version
+_PRIVATE_FAILURE = 4601  # error code of a reply the mod withheld: a dp update it could not encode
 _NUMPY_STYPE = "numpy.ndarray"
 # The dtypes of the wire format (docs/wire-format.md) that numpy has: all but bfloat16.
 
@@ -383,10 +389,21 @@ def gradcodec_mod(codec: str = "int8", error_feedback: bool = True, seed: int | 
             # (residuals) so that stale state cannot make every later round fail too.
             for key in [k for k in context.state if k.startswith(STATE_PREFIX) and k not in (COUNTER_KEY, ROUNDS_KEY)]:
                 del context.state[key]
+            if _private(spec):  # the app's reply is the update before clipping and noise: never send it
+                log(logging.WARNING, "gradcodec_mod: could not encode with %s (%s); replying with an error", spec, e)
+                return Message(error=Error(code=_PRIVATE_FAILURE, reason=f"gradcodec: {type(e).__name__}: {e}"), reply_to=msg)
             log(logging.WARNING, "gradcodec_mod: could not compress the reply (%s); sending it uncompressed", e)
             return reply
 
     return mod
+
+
+def _private(spec: str) -> bool:
+    """Whether `spec` starts with a whole-update privacy stage (dp): its input must never travel as is."""
+    try:
+        return gradcodec.get_codec(spec).prepass is not None
+    except GradcodecError:
+        return False
 
 
 def _open_instruction(msg: Message) -> tuple[ConfigRecord | None, set[str]]:
@@ -445,7 +462,8 @@ def _load_state(codec, saved: Any, record: ArrayRecord) -> None:
         codec.reset([k for k, r in codec.residuals.items() if k in record and tuple(r.shape) != tuple(record[k].shape)])
 
 
-def _split(record: ArrayRecord, ref: Mapping[str, Array], codec, exact: bool) -> tuple[dict[str, torch.Tensor], dict[str, Array]]:
+def _split(record: ArrayRecord, ref: Mapping[str, Array], codec, exact: bool,
+           private: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Array]]:
     """What the payload carries for `record` (float updates against `ref`, integer and bool values),
     and the Arrays sent as they are.
 
@@ -471,6 +489,9 @@ def _split(record: ArrayRecord, ref: Mapping[str, Array], codec, exact: bool) ->
             continue
         base = _to_tensor(base_array) if base_array is not None else None
         if base is None or base.dtype != local.dtype or base.shape != local.shape:
+            if private:
+                raise InvalidInput(f"{key!r} has no reference of its shape to measure an update from, and its values"
+                                   " cannot be sent as they are under a dp stage (they would skip clipping and noise)")
             as_is[key] = array  # no reference to measure an update from: the values, exactly
             continue
         update = _delta(local, base)
@@ -539,7 +560,7 @@ def _compress_reply(
         _load_state(codec, context.state.get(state_key), rec)
         feedback.age(codec, state_key, context)
         # Bit-exact rebuilding is only possible (and checked) against a reference the server holds as is.
-        tensors, as_is = _split(rec, received[ref_name], codec, lossless and ref_name in exact)
+        tensors, as_is = _split(rec, received[ref_name], codec, lossless and ref_name in exact, _private(spec))
         # The server holds the reference: a payload of the full update names its layout by fingerprint.
         by_reference = gradcodec.Layout.of(tensors).fingerprint == update_layout(received[ref_name]).fingerprint
         new[name] = _make_record(codec.encode(tensors, by_reference=by_reference), as_is)

@@ -250,6 +250,19 @@ def test_a_stale_residual_is_decayed_by_the_rounds_its_client_missed(task_identi
     assert ctx.state["gradcodec:rounds"][state_key] == 4
 
 
+@pytest.mark.parametrize("case", ["nan", "new key"])
+def test_a_dp_reply_that_cannot_be_encoded_is_withheld_not_sent_as_is(task_identity, case):
+    """Under dp the app's reply is the un-noised update: where the mod would send it uncompressed it
+    answers with an error instead, and the server drops that node."""
+    g = ArrayRecord({"x": Array(np.zeros(16, np.float32))})
+    moved = {"nan": {"x": np.full(16, np.nan, np.float32)},
+             "new key": {"x": np.ones(16, np.float32), "fresh": np.ones(3, np.float32)}}[case]
+    wrapper = CompressedStrategy(fedavg(1), uplink_codec="dp:clip=1.0,noise=0.5|int8")
+    _, (reply,) = run_round(wrapper, g, make_app(lambda r, n: moved), gradcodec_mod("int8"), {1: new_context(1)})
+    assert reply.has_error() and "gradcodec" in reply.error.reason
+    assert 1 in wrapper.history[1].dropped
+
+
 def test_keys_order_dropped_and_new_arrays_are_restored(task_identity):
     g = model()
 

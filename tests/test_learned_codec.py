@@ -187,3 +187,18 @@ def test_bad_shared_sections_are_named(model_files):
     msg.shared = msg.shared[:1]
     with pytest.raises(CorruptPayload, match="shared sections"):
         gradcodec.decode(wire.pack(msg), models=[model])
+
+
+def test_dp_in_front_of_cgfed_noises_the_whole_update_and_leaves_no_trace_in_the_payload(model_files):
+    """`dp|cgfed`: the pre-pass clips and noises the update before the AE sees it; the payload names
+    plain cgfed (nothing about dp or its seed), and noise=0 inside the clip is the codec's own payload."""
+    model, paths = model_files
+    x = update()
+    plain = gradcodec.encode(x, "cgfed", model=str(paths["ae"]))
+    silent = gradcodec.encode(x, "dp:clip=1e6,noise=0.0,seed=3|cgfed", model=str(paths["ae"]))
+    assert silent == plain
+    noised = gradcodec.encode(x, "dp:clip=1e-3,noise=1.0,seed=3|cgfed", model=str(paths["ae"]))
+    assert gradcodec.inspect(noised).codec == gradcodec.inspect(plain).codec and "dp" not in gradcodec.inspect(noised).codec
+    assert noised != plain
+    with pytest.raises(InvalidInput, match="dp"):
+        gradcodec.get_codec("int4|dp:clip=1.0,noise=0.5")

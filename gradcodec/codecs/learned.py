@@ -212,7 +212,7 @@ class CGFedCodec(Codec):
                 entries.append(wire.TensorEntry(name, x.dtype, tuple(x.shape), RAW.encode(x.contiguous(), None)))
             else:
                 entries.append(wire.TensorEntry(name, x.dtype, tuple(x.shape), extra.get(name, [])))
-        return wire.Message(self.spec, entries, [scales] + latent, fingerprint=model.fingerprint)
+        return wire.Message(self.payload_spec, entries, [scales] + latent, fingerprint=model.fingerprint)
 
     def _check_scales(self, scales: torch.Tensor, floats: dict[str, torch.Tensor]) -> None:
         bad = (~(scales < MAX_SCALE)).nonzero().flatten()
