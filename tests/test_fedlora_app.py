@@ -332,3 +332,16 @@ def test_simulation_table_compares_codecs_against_raw(simulated):
 def test_loading_the_compare_image_gives_a_png(simulated):
     _, out = simulated
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_dp_codec_reports_epsilon_per_round_as_the_accountant_computes_it():
+    from gradcodec.integrations.fedlora.app import _epsilons
+    from gradcodec.integrations.fedlora.config import FedTrainConfig, learned_codec_needs_model, with_model
+    from gradcodec.privacy import epsilon_per_round
+
+    cfg = FedTrainConfig(rounds=3, num_clients=10, fraction=0.2)
+    dp = gradcodec.get_codec("dp:clip=1.0,noise=1.0|int8").prepass
+    assert _epsilons(dp, cfg) == epsilon_per_round(1.0, 0.2, 3, 1e-5)
+    assert _epsilons(gradcodec.get_codec("int8").prepass, cfg) == []
+    assert learned_codec_needs_model("dp:clip=1.0,noise=1.0|cgfed") and not learned_codec_needs_model("dp:clip=1.0,noise=1.0|int8")
+    assert with_model("dp:clip=1.0,noise=1.0|cgfed", "/m/ae.safetensors") == "dp:clip=1.0,noise=1.0|cgfed:model=/m/ae.safetensors"

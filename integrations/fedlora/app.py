@@ -343,12 +343,25 @@ class _Evaluator:
         return out
 
 
+def _epsilons(dp, cfg: FedTrainConfig) -> list[float]:
+    """ε (δ = 1e-5) after each round for a `dp` pre-pass (none: []). The sampling rate is taken as
+    clients_per_round / num_clients: fedtrain samples a fixed number per round, not Poisson, so it is an
+    approximation of the accountant's model."""
+    if dp is None:
+        return []
+    from gradcodec.privacy import epsilon_per_round
+
+    return epsilon_per_round(dp.noise, cfg.clients_per_round() / cfg.num_clients, cfg.rounds, 1e-5)
+
+
 def _run_codec(grid: Grid, cfg: FedTrainConfig, spec: str, partitions: dict[int, int], evaluator: _Evaluator,
                write: Callable[[dict], None]) -> None:
     """The federated run of one uplink codec: `cfg.rounds` rounds, a record written after each."""
     import gradcodec
 
-    feedback = cfg.error_feedback and not gradcodec.get_codec(spec).lossless  # what gradcodec_mod does
+    codec = gradcodec.get_codec(spec)
+    feedback = cfg.error_feedback and not codec.lossless  # what gradcodec_mod does
+    epsilons = _epsilons(codec.prepass, cfg)
     fedavg = LoraFedAvg(cfg, partitions)
     strategy = CompressedStrategy(fedavg, downlink_codec=cfg.downlink_codec or None, uplink_codec=spec)
     bar = tqdm(total=cfg.rounds, desc=spec, unit="round", disable=not cfg.progress, leave=True)
@@ -367,6 +380,8 @@ def _run_codec(grid: Grid, cfg: FedTrainConfig, spec: str, partitions: dict[int,
             record["dropped"] = {str(fedavg.node_partition.get(n, n)): _last_line(why) for n, why in dropped.items()}
             record["failed"] = sorted(fedavg.node_partition.get(n, -1) for n in dropped)
             record["round_s"] = time.perf_counter() - info.get("started", time.perf_counter())
+            if epsilons:
+                record["epsilon"] = epsilons[server_round - 1]
             bar.update(1)
             if "eval_loss" in record:
                 bar.set_postfix_str(f"eval loss {record['eval_loss']:.3f} acc {record['eval_accuracy']:.1%} "

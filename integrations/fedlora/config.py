@@ -174,21 +174,28 @@ class FedTrainConfig:
         return cls().replace(**{k: v for k, v in dict(run_config).items() if _field_name(k) in known})
 
 
+def _codec_stage(spec: str) -> int:
+    """Index of the stage that names the codec: the first, or the second behind a whole-update dp stage."""
+    stages = spec.split("|")
+    return 1 if len(stages) > 1 and stages[0].split(":")[0].strip() == "dp" else 0
+
+
 def learned_codec_needs_model(spec: str) -> bool:
-    """Whether `spec` is the learned codec without an AutoEncoder file."""
-    first = spec.split("|")[0]
-    return first.split(":")[0].strip() == "cgfed" and "model=" not in first
+    """Whether `spec` is the learned codec (possibly behind `dp:...|`) without an AutoEncoder file."""
+    stage = spec.split("|")[_codec_stage(spec)]
+    return stage.split(":")[0].strip() == "cgfed" and "model=" not in stage
 
 
 def with_model(spec: str, path: str | os.PathLike) -> str:
-    """`spec` with `model=path` added to its first (the cgfed) stage."""
+    """`spec` with `model=path` added to its cgfed stage (the first, or the second behind dp)."""
     if any(c in os.fspath(path) for c in ",|"):
         raise ValueError(f"model file {os.fspath(path)!r}: a path in a codec spec cannot contain ',' or '|'; move the "
                          "file (or set GRADCODEC_CACHE to a folder without them)")
-    first, _, rest = spec.partition("|")
-    name, _, params = first.partition(":")
-    first = f"{name}:{params},model={path}" if params else f"{name}:model={path}"
-    return first + (f"|{rest}" if rest else "")
+    stages = spec.split("|")
+    i = _codec_stage(spec)
+    name, _, params = stages[i].partition(":")
+    stages[i] = f"{name}:{params},model={path}" if params else f"{name}:model={path}"
+    return "|".join(stages)
 
 
 def _field_name(key: str) -> str:

@@ -97,6 +97,7 @@ def summarize(records: Sequence[Record]) -> list[dict[str, Any]]:
             "failed_replies": sum(len(r["dropped"]) for r in rounds),
             "uncompressed_replies": sum(r["uncompressed_replies"] for r in rounds),
             "seconds": sum(r["round_s"] for r in rounds),
+            "epsilon": final.get("epsilon", math.nan),
         })
     base = next((row for row in rows if row["codec"] == BASELINE), None)
     for row in rows:
@@ -123,6 +124,11 @@ def codec_label(spec: str) -> str:
     return re.sub(r"model=([^,|]*)", lambda m: f"model={Path(m.group(1)).name}", spec)
 
 
+def _epsilon(eps: float) -> str:
+    """A dp row's privacy after the last round, as the codec cell shows it."""
+    return "" if math.isnan(eps) else f" (ε={eps:.3g} at δ=1e-5)"
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The comparison as a Markdown table (Δ columns against the `raw` row; "–" without one).
 
@@ -142,7 +148,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         if row["uncompressed_replies"]:
             mark += "²"
         lines.append(
-            f"| `{codec_label(row['codec']).replace('|', chr(92) + '|')}`{' + EF' if row['error_feedback'] else ''}{mark} | {_bytes(row['uplink_bytes_per_round'])} "
+            f"| `{codec_label(row['codec']).replace('|', chr(92) + '|')}`{' + EF' if row['error_feedback'] else ''}{mark}"
+            f"{_epsilon(row.get('epsilon', math.nan))} | {_bytes(row['uplink_bytes_per_round'])} "
             f"| {_bytes(row['uplink_payload_bytes_per_reply'])} | {row['compression']:.1f}× "
             f"| {row['eval_loss']:.3f} | {row['eval_accuracy']:.1%} | {_signed(row['delta_loss'], '.3f')} "
             f"| {_signed(100 * row['delta_accuracy'], '.1f', ' pt')} | {row['encode_ms_per_reply']:.1f} | {row['decode_ms_per_reply']:.1f} |"
