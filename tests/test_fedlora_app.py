@@ -345,3 +345,17 @@ def test_a_dp_codec_reports_epsilon_per_round_as_the_accountant_computes_it():
     assert _epsilons(gradcodec.get_codec("int8").prepass, cfg) == []
     assert learned_codec_needs_model("dp:clip=1.0,noise=1.0|cgfed") and not learned_codec_needs_model("dp:clip=1.0,noise=1.0|int8")
     assert with_model("dp:clip=1.0,noise=1.0|cgfed", "/m/ae.safetensors") == "dp:clip=1.0,noise=1.0|cgfed:model=/m/ae.safetensors"
+
+
+@pytest.mark.slow
+def test_the_in_process_loop_gives_the_flower_apps_run(tmp_path, monkeypatch):
+    """The TGAP pilot's in-process FedAvg loop (capture.run_federated) and the Flower app, raw, same
+    settings: the same held-out loss after every round (about 60 s, mostly Ray start-up)."""
+    from gradcodec.integrations.fedlora.capture import run_federated
+    from gradcodec.integrations.fedlora.run import capture_config, simulate
+
+    monkeypatch.setenv("GRADCODEC_CACHE", str(tmp_path / "cache"))
+    cfg = SMALL.replace(codecs=("raw",), num_clients=4, fraction=0.5, rounds=3, out_dir=str(tmp_path / "run"))
+    app = [r["eval_loss"] for r in simulate(cfg).records if r["round"] > 0]
+    loop = [h["eval_loss"] for h in run_federated(capture_config(cfg, eval_examples=cfg.eval_examples))["history"]]
+    assert loop == pytest.approx(app, rel=1e-4)

@@ -67,7 +67,7 @@ def test_write_leaves_every_per_seed_figure_to_recompute_the_cis(tmp_path):
         rows = [{"codec": c, "eval_loss": l, "eval_accuracy": 0.5, "uplink_bytes_per_round": w,
                  "uplink_payload_bytes_per_reply": w / 2, "encode_ms_per_reply": 1.0, "decode_ms_per_reply": 1.0, "seconds": 1.0}
                 for c, l, w in (("raw", raw_loss, 1e6), ("int8", c_loss, 2.5e5))]
-        records = [{"codec": "raw", "round": r, "eval_loss": raw_loss} for r in (1, 2)]
+        records = [{"codec": "raw", "round": 1}] + [{"codec": "raw", "round": r, "eval_loss": raw_loss} for r in (2, 3)]
         return FedTrainResult(config={}, records=records, rows=rows)
 
     results = {0: result(0, 1.0, 1.001), 1: result(1, 1.2, 1.199)}
@@ -79,6 +79,7 @@ def test_write_leaves_every_per_seed_figure_to_recompute_the_cis(tmp_path):
     assert next(r for r in rows if r["codec"] == "int8")["rel_loss_diff_ci"] == pytest.approx(list(paired.mean_ci(diffs)[1:]))
     assert (tmp_path / "paired.md").read_text().startswith("| codec |")
     assert (tmp_path / "rate-distortion.png").stat().st_size > 1000
+    assert data["raw_eval_loss_by_round"]["0"] == [1.0, 1.0]  # rounds without an evaluation left out
 
 
 def test_seeds_and_eval_schedule_settings():

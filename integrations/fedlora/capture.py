@@ -111,15 +111,18 @@ def run_federated(config: CaptureConfig = CaptureConfig(), transmit: Transmit | 
     model, tokenizer = _model_and_tokenizer(config)
     clients, held_out = _client_data(config, tokenizer)
     global_state = peft.lora_state(model)
-    sampler = random.Random(config.seed)
     records, history = [], []
     for rnd in range(config.rounds):
+        # the Flower app's conventions (app.LoraFedAvg.sample, app.client_train), so that this loop and the
+        # app give the same run for the same settings (tests/test_fedlora_app.py checks it)
+        server_round = rnd + 1
+        sampler = random.Random(config.seed * 1_000_003 + server_round)
         chosen = sorted(sampler.sample(range(config.num_clients), config.clients_per_round))
         states, weights = [], []
         for client in chosen:
             peft.load_lora_state(model, global_state)
             stats = local_train(model, clients[client], tokenizer, steps=config.local_steps, lr=config.lr,
-                                batch_size=config.batch_size, seed=config.seed * 1_000_003 + rnd * 1009 + client,
+                                batch_size=config.batch_size, seed=config.seed * 1_000_003 + server_round * 1009 + client,
                                 max_length=config.max_length)
             state = peft.lora_state(model)
             update = peft.lora_delta(state, global_state)

@@ -105,9 +105,7 @@ def run_fedtrain(args: argparse.Namespace) -> int:
         from . import paired
 
         results, rows = simulate_seeds(cfg, verbose=args.verbose)
-        curves = {s: [r["eval_loss"] for r in sorted(res.records, key=lambda r: r["round"])
-                      if r["codec"] == "raw" and r["round"] > 0 and "eval_loss" in r] for s, res in results.items()}
-        moved = paired.convergence(curves)
+        moved = paired.convergence({s: paired.raw_curve(res.records) for s, res in results.items()})
         print(f"\n{paired.format_table(rows)}\n")
         print("raw's eval loss over its last 5 rounds moved by " + ", ".join(f"{100 * v:.2f} %" for v in moved.values())
               + " (seeds " + ", ".join(map(str, moved)) + ")")

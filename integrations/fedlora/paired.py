@@ -171,8 +171,7 @@ def write(results: dict[int, FedTrainResult], out_dir: str | os.PathLike, config
     rows = analyse(figures)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    raw_curves = {seed: [r["eval_loss"] for r in sorted(res.records, key=lambda r: r["round"])
-                         if r["codec"] == BASELINE and r["round"] > 0] for seed, res in results.items()}
+    raw_curves = {seed: raw_curve(res.records) for seed, res in results.items()}
     (out / "paired.json").write_text(json.dumps({
         "config": config, "wall_s": wall_s, "per_seed": {c: {str(s): v for s, v in f.items()} for c, f in figures.items()},
         "raw_eval_loss_by_round": {str(s): v for s, v in raw_curves.items()}, "rows": rows,
@@ -180,6 +179,23 @@ def write(results: dict[int, FedTrainResult], out_dir: str | os.PathLike, config
     (out / "paired.md").write_text(format_table(rows) + "\n")
     plot(rows, out / "rate-distortion.png", title)
     return rows
+
+
+def raw_curve(records: Sequence[dict[str, Any]]) -> list[float]:
+    """Raw's eval loss on the rounds the server evaluated (after round 0), in round order."""
+    return [r["eval_loss"] for r in sorted(records, key=lambda r: r["round"])
+            if r["codec"] == BASELINE and r["round"] > 0 and "eval_loss" in r]
+
+
+def from_runs(out_dir: str | os.PathLike) -> dict[int, FedTrainResult]:
+    """The per-seed results a `--seeds` run left in `out_dir/seed-<s>/` (to redo the analysis)."""
+    from .report import read_records, summarize
+
+    results = {}
+    for d in sorted(Path(out_dir).glob("seed-*"), key=lambda p: int(p.name[5:])):
+        records = read_records(d / "rounds.jsonl")
+        results[int(d.name[5:])] = FedTrainResult(config={}, records=records, rows=summarize(records), out_dir=str(d))
+    return results
 
 
 def convergence(curves: dict[Any, list[float]], last: int = 5) -> dict[Any, float]:

@@ -24,20 +24,30 @@ from .config import FedTrainConfig, learned_codec_needs_model, with_model
 from .report import FedTrainResult
 
 
+def capture_config(cfg: FedTrainConfig, eval_examples: int = 0):
+    """The in-process loop's (capture.run_federated) configuration of the same run as `cfg` with raw
+    uplinks: same data, clients, sampling, batches and adapter (constant lr only)."""
+    from .capture import CaptureConfig
+
+    if cfg.lr_schedule != "constant" or cfg.local_epochs > 0:
+        raise ValueError("the in-process loop runs a constant learning rate and local_steps")
+    return CaptureConfig(
+        model=cfg.model, pretrained=cfg.pretrained, data=cfg.data or None, examples=cfg.train_examples,
+        eval_examples=eval_examples, rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, targets=cfg.targets,
+        num_clients=cfg.num_clients, clients_per_round=cfg.clients_per_round(), rounds=cfg.rounds,
+        local_steps=cfg.local_steps, lr=cfg.lr, batch_size=cfg.batch_size, max_length=cfg.max_length,
+        dirichlet_alpha=cfg.dirichlet_alpha, lora_seed=cfg.lora_seed, seed=cfg.seed, data_seed=cfg.data_seed,
+        device=cfg.device, dtype=cfg.dtype, keep_states=False,
+    )
+
+
 def tgap_pilot(cfg: FedTrainConfig):
     """The TGAP pilot of `cfg`: the same model, adapter initialisation and federated recipe, run for
     `tgap_rounds` rounds on *other* data, clients and sampling (data_seed + 1, seed + 1), so the AE is
-    never trained on the updates of the run it then serves."""
-    from .capture import CaptureConfig
-
-    return CaptureConfig(
-        model=cfg.model, pretrained=cfg.pretrained, data=cfg.data or None, examples=cfg.train_examples,
-        rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, targets=cfg.targets, num_clients=cfg.num_clients,
-        clients_per_round=cfg.clients_per_round(), rounds=cfg.tgap_rounds, local_steps=cfg.local_steps, lr=cfg.lr,
-        batch_size=cfg.batch_size, max_length=cfg.max_length, dirichlet_alpha=cfg.dirichlet_alpha,
-        lora_seed=cfg.lora_seed, seed=cfg.seed + 1, data_seed=cfg.data_seed + 1, device=cfg.device, dtype=cfg.dtype,
-        keep_states=False,
-    )
+    never trained on the updates of the run it then serves. It runs in-process (capture.run_federated),
+    which gives the same run as the Flower app for the same settings (tests/test_fedlora_app.py)."""
+    return capture_config(cfg.replace(rounds=cfg.tgap_rounds, seed=cfg.seed + 1, data_seed=cfg.data_seed + 1,
+                                      lr_schedule="constant"))
 
 
 def train_learned_codec(spec: str, cfg: FedTrainConfig) -> str:
