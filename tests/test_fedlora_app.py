@@ -359,3 +359,18 @@ def test_the_in_process_loop_gives_the_flower_apps_run(tmp_path, monkeypatch):
     app = [r["eval_loss"] for r in simulate(cfg).records if r["round"] > 0]
     loop = [h["eval_loss"] for h in run_federated(capture_config(cfg, eval_examples=cfg.eval_examples))["history"]]
     assert loop == pytest.approx(app, rel=1e-4)
+
+
+@pytest.mark.parametrize("model, rank, targets, arch", [
+    ("tiny", 8, "q_proj,k_proj,v_proj,o_proj", "block"),
+    ("tiny", 32, "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "block"),
+    ("llama-3.2-1b", 16, "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "shared"),   # block: 12.35 G weights
+    ("llama-2-7b", 8, "q_proj,k_proj,v_proj,o_proj", "shared"),
+])
+def test_tgap_fits_the_shared_ae_where_the_block_ae_would_not_fit(model, rank, targets, arch):
+    from gradcodec.integrations.fedlora.model import lora_shapes
+    from gradcodec.integrations.fedlora.run import _arch_for
+    from gradcodec.learned import AEConfig, CanvasLayout
+
+    layout = CanvasLayout.for_shapes(lora_shapes(model, rank, tuple(targets.split(","))))
+    assert _arch_for(AEConfig.block(layout, 1 / 64), layout) == arch

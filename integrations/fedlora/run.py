@@ -76,22 +76,38 @@ def train_learned_codec(spec: str, cfg: FedTrainConfig) -> str:
         ratio = float("nan")
     if not 0 < ratio <= 1:
         raise ValueError(f"cgfed_ratio must be a fraction in (0, 1] such as 1/64, got {cfg.cgfed_ratio!r}")
+    arch = "block"
     if is_preset(cfg.model):  # a ratio the AE cannot have fails now, not after the pilot's minutes
-        AEConfig.block(CanvasLayout.for_shapes(lora_shapes(cfg.model, cfg.lora_rank, cfg.targets)), ratio)
+        layout = CanvasLayout.for_shapes(lora_shapes(cfg.model, cfg.lora_rank, cfg.targets))
+        arch = _arch_for(AEConfig.block(layout, ratio), layout)
+        getattr(AEConfig, arch)(layout, ratio)
     pilot = tgap_pilot(cfg)
     # The block AE's per-tile PCA start is its fit: Adam on top overfits (docs/results.md), so no steps.
     training = TrainConfig(steps=0)
-    key = hashlib.sha256(json.dumps({"pilot": dataclasses.asdict(pilot), "ratio": ratio, "arch": "block",
+    key = hashlib.sha256(json.dumps({"pilot": dataclasses.asdict(pilot), "ratio": ratio, "arch": arch,
                                      "train": dataclasses.asdict(training)}, sort_keys=True).encode()).hexdigest()[:16]
-    path = default_cache_dir() / f"cgfed-block-{key}.safetensors"
+    path = default_cache_dir() / f"cgfed-{arch}-{key}.safetensors"
     if not path.exists():
         print(f"TGAP for {spec}: a {pilot.rounds}-round pilot federation collects round updates (once; cached)",
               flush=True)
         updates = [r["update"] for r in run_federated(pilot, progress=cfg.progress)["records"]]
-        ae_config = AEConfig.block(CanvasLayout.of(updates[0]), ratio)
+        layout = CanvasLayout.of(updates[0])
+        ae_config = getattr(AEConfig, arch)(layout, ratio)
         train_autoencoder(updates, ae_config, training).save(path)  # atomic: concurrent runs share the cache
-        print(f"TGAP: trained a 1/{round(1 / ratio)} block AE on {len(updates)} updates: {path}", flush=True)
+        print(f"TGAP: trained a 1/{round(1 / ratio)} {arch} AE on {len(updates)} updates: {path}", flush=True)
     return with_model(spec, path)
+
+
+# The block AE holds 2 x canvas values x latents-per-tile weights: per-factor tiles are right for the tiny
+# preset's adapters and tens of GB at LLaMA shapes (docs/results/llama-scale-codecs.md). Above this many
+# weights TGAP fits the shared AE instead (weights shared across layers; docs/results/cgfed-scale.md).
+MAX_BLOCK_AE_WEIGHTS = 1 << 28  # 1 GiB of fp32
+
+
+def _arch_for(block, layout) -> str:
+    """"block" where its AE stays under MAX_BLOCK_AE_WEIGHTS, else "shared"."""
+    weights = 2 * layout.height * layout.width * block.latents  # one tile-sized map per latent, position, half
+    return "block" if weights <= MAX_BLOCK_AE_WEIGHTS else "shared"
 
 
 def prepare_codecs(cfg: FedTrainConfig) -> FedTrainConfig:
