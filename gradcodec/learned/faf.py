@@ -80,6 +80,10 @@ class FAFServer:
 
     def __init__(self, models: Sequence):
         self.models = [load_model(m, parts=("decoder",)) for m in models]
+        for m in self.models:
+            if m.config.arch == "shared":
+                raise InvalidInput("FAF adapts conv and block decoders; the shared AE (arch 'shared') has no decoder"
+                                   " adaptation yet: use it without FAF")
         self.pairs: dict[bytes, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
 
     def _codec_for(self, blob: bytes) -> CGFedCodec:
