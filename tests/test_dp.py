@@ -151,7 +151,7 @@ def test_error_feedback_residual_is_of_the_noised_update():
     ("dp:clip=0|int4", "clip must be > 0"),
     ("dp:clip=-1|int4", "clip must be > 0"),
     ("dp:noise=-0.1|int4", "noise must be >= 0"),
-    ("int4|dp:clip=1", "quantizer must be the last"),
+    ("int4|dp:clip=1", "'dp' acts on the whole update and must be the first stage"),
     ("topk:ratio=0.1|dp:clip=1|int8", "'dp' acts on the whole update and must be the first stage"),
     ("dp|dp|int8", "must be the first stage"),
     ("dp:clip=inf|int8", "finite number"),
