@@ -560,7 +560,8 @@ def _compress_reply(
         _load_state(codec, context.state.get(state_key), rec)
         feedback.age(codec, state_key, context)
         # Bit-exact rebuilding is only possible (and checked) against a reference the server holds as is.
-        tensors, as_is = _split(rec, received[ref_name], codec, lossless and ref_name in exact, _private(spec))
+        private = getattr(getattr(codec, "codec", codec), "prepass", None) is not None  # ErrorFeedback wraps it
+        tensors, as_is = _split(rec, received[ref_name], codec, lossless and ref_name in exact, private)
         # The server holds the reference: a payload of the full update names its layout by fingerprint.
         by_reference = gradcodec.Layout.of(tensors).fingerprint == update_layout(received[ref_name]).fingerprint
         new[name] = _make_record(codec.encode(tensors, by_reference=by_reference), as_is)
