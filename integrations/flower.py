@@ -113,6 +113,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, 
 
 import gradcodec
 from gradcodec.errors import CorruptPayload, GradcodecError, InvalidInput, ModelMismatch
+from gradcodec.feedback import RESIDUAL
 from gradcodec.learned import LearnedModel, load_model
 
 __all__ = [
@@ -134,7 +135,8 @@ STYPE = "gradcodec/1"  # stype of the payload Array
 META_PREFIX = "__gradcodec__."  # + record name: the ConfigRecord that says how to rebuild the record
 METRICS_RECORD = "__gradcodec__"  # MetricRecord the mod adds when the reply has not exactly one
 METRIC_PREFIX = "gradcodec."
-STATE_PREFIX = "gradcodec:"  # context.state keys: "gradcodec:<canonical spec>:<record name>"
+STATE_PREFIX = "gradcodec:"  # context.state keys: "gradcodec:<canonical spec>:<record name>" (a codec's own state)
+RESIDUALS_PREFIX = "gradcodec:residuals:"  # + record name: its error-feedback residuals, whichever codec sends next
 COUNTER_KEY = "gradcodec:calls"  # context.state ConfigRecord counting compressed replies (seeding)
 ROUNDS_KEY = "gradcodec:rounds"  # context.state ConfigRecord: state key -> the server round it was last used in
 
@@ -448,18 +450,46 @@ def _codec_for(spec: str, model: LearnedModel | None, error_feedback: bool, seed
     return gradcodec.get_codec(spec, error_feedback=error_feedback and not lossless, seed=call_seed, **params), lossless
 
 
-def _load_state(codec, saved: Any, record: ArrayRecord) -> None:
-    """Load the codec's saved state; forget the residuals of arrays whose shape changed since."""
-    if not isinstance(saved, ArrayRecord):
+def _state_keys(codec, name: str) -> tuple[str, str]:
+    """The context.state keys of record `name`'s residuals and of `codec`'s own state for it.
+
+    Residuals are kept apart from the codec: they are what the server has not yet received of this
+    client's updates, so they belong to whichever codec the server asks for next (`round_codecs`).
+    """
+    return RESIDUALS_PREFIX + name, f"{STATE_PREFIX}{codec.spec}:{name}"
+
+
+def _load_state(codec, context: Context, keys: tuple[str, str], record: ArrayRecord) -> None:
+    """Load the saved residuals and codec state; forget the residuals of arrays whose shape changed since."""
+    saved: dict[str, torch.Tensor] = {}
+    for key in keys:
+        rec = context.state.get(key)
+        if isinstance(rec, ArrayRecord):
+            saved.update({k: t for k, a in rec.items() if (t := _to_tensor(a)) is not None})
+    if not isinstance(codec, gradcodec.ErrorFeedback):
+        saved = {k: t for k, t in saved.items() if not k.startswith(RESIDUAL)}
+    if not saved:
         return
     try:
-        codec.load_state_dict({k: t for k, a in saved.items() if (t := _to_tensor(a)) is not None})
+        codec.load_state_dict(saved)
     except GradcodecError as e:
         log(logging.WARNING, "gradcodec_mod: discarding saved codec state (%s)", e)
         codec.load_state_dict({})
         return
     if isinstance(codec, gradcodec.ErrorFeedback):
         codec.reset([k for k, r in codec.residuals.items() if k in record and tuple(r.shape) != tuple(record[k].shape)])
+
+
+def _save_state(codec, context: Context, keys: tuple[str, str]) -> None:
+    """Store what `_load_state` reads: the residuals under the record's key, the rest under the codec's."""
+    state = codec.state_dict()
+    residuals = {k: v for k, v in state.items() if k.startswith(RESIDUAL)} if isinstance(codec, gradcodec.ErrorFeedback) else {}
+    own = {k: v for k, v in state.items() if k not in residuals}
+    for key, part in zip(keys, (residuals, own)):
+        if part:
+            context.state[key] = ArrayRecord({k: _to_array(v) for k, v in part.items()})
+        else:
+            context.state.pop(key, None)
 
 
 def _split(record: ArrayRecord, ref: Mapping[str, Array], codec, exact: bool,
@@ -548,7 +578,7 @@ def _compress_reply(
     new = RecordDict()
     metas: dict[str, ConfigRecord] = {}
     encoded: list[str] = []
-    states: dict[str, dict[str, torch.Tensor]] = {}
+    states: dict[tuple[str, str], Any] = {}  # state keys -> the codec that encoded the record
     payload = uncompressed = 0
     for name, rec in reply.content.items():
         ref_name = name if name in received else (next(iter(received)) if len(received) == 1 else None)
@@ -556,34 +586,31 @@ def _compress_reply(
             new[name] = rec
             continue
         codec, lossless = _codec_for(spec, model, feedback.on, seed, context)
-        state_key = f"{STATE_PREFIX}{codec.spec}:{name}"
-        _load_state(codec, context.state.get(state_key), rec)
-        feedback.age(codec, state_key, context)
+        keys = _state_keys(codec, name)
+        _load_state(codec, context, keys, rec)
+        feedback.age(codec, keys[0], context)
         # Bit-exact rebuilding is only possible (and checked) against a reference the server holds as is.
         private = getattr(getattr(codec, "codec", codec), "prepass", None) is not None  # ErrorFeedback wraps it
         tensors, as_is = _split(rec, received[ref_name], codec, lossless and ref_name in exact, private)
         # The server holds the reference: a payload of the full update names its layout by fingerprint.
         by_reference = gradcodec.Layout.of(tensors).fingerprint == update_layout(received[ref_name]).fingerprint
         new[name] = _make_record(codec.encode(tensors, by_reference=by_reference), as_is)
-        keys = list(rec.keys())
-        same = keys == list(received[ref_name])  # then the server knows them: see "Gradcodec records"
+        names = list(rec.keys())
+        same = names == list(received[ref_name])  # then the server knows them: see "Gradcodec records"
         if not same:
-            metas[META_PREFIX + name] = ConfigRecord({"ref": ref_name, "keys": keys})
+            metas[META_PREFIX + name] = ConfigRecord({"ref": ref_name, "keys": names})
         elif ref_name != name:
             metas[META_PREFIX + name] = ConfigRecord({"ref": ref_name})
         encoded.append(name)
         payload += _array_nbytes(new[name])
         uncompressed += _array_nbytes(rec)
-        states[state_key] = codec.state_dict()
+        states[keys] = codec
     if not encoded:
         return reply
     # Commit codec state only once every record is encoded: a failure above leaves context.state as it was.
-    for key, state in states.items():
-        if state:
-            context.state[key] = ArrayRecord({k: _to_array(v) for k, v in state.items()})
-        else:
-            context.state.pop(key, None)
-    feedback.commit(states, context)
+    for keys, codec in states.items():
+        _save_state(codec, context, keys)
+    feedback.commit([keys[0] for keys in states], context)
     for name, meta in metas.items():
         new[name] = meta
     reply.content = new
@@ -695,19 +722,28 @@ class CompressedStrategy(Strategy):
         models of clients that choose their own learned codec.
     measure: serialise messages to record their Flower wire size in `history` (costs one hashing pass
         over each distinct message).
+    round_codecs: the uplink codec of particular rounds instead of `uplink_codec`, e.g. ``{60: "int4"}``
+        to end a run of a 100x codec with one round at a higher rate: with error feedback the clients
+        then send their update plus every residual still waiting (what a delayed codec owes the model),
+        since a client's residuals carry over from one codec to another.
 
     `history` maps each training round to a `RoundStats`. The aggregated train MetricRecord gains
     ``gradcodec.uplink-payload-bytes`` and ``gradcodec.uplink-message-bytes`` (totals over the round).
     """
 
     def __init__(self, strategy: Strategy, downlink_codec: str | None = None, uplink_codec: str | None = None, *,
-                 models: Sequence[str | LearnedModel] = (), measure: bool = True):
+                 models: Sequence[str | LearnedModel] = (), measure: bool = True,
+                 round_codecs: Mapping[int, str] | None = None):
         self.strategy = strategy
         self.downlink_codec = gradcodec.get_codec(downlink_codec).spec if downlink_codec else None
         uplink = gradcodec.get_codec(uplink_codec) if uplink_codec else None
         self.uplink_codec = uplink.spec if uplink is not None else None
-        self.uplink_model = uplink.model.fingerprint.hex() if uplink is not None and uplink.model is not None else ""
-        self.models = _learned_models(uplink, models)
+        by_round = {int(r): gradcodec.get_codec(s) for r, s in (round_codecs or {}).items()}
+        self.round_codecs = {r: c.spec for r, c in by_round.items()}
+        self.models = _learned_models(uplink, models) + [c.model for c in by_round.values() if c.model is not None]
+        # The model each uplink spec asks the clients for, by fingerprint ("" for codecs without one).
+        self._fingerprints = {c.spec: c.model.fingerprint.hex() for c in (uplink, *by_round.values())
+                              if c is not None and c.model is not None}
         self.measure = measure
         self.history: dict[int, RoundStats] = {}
         self._sent: list[tuple[Message, RecordDict]] = []
@@ -729,9 +765,13 @@ class CompressedStrategy(Strategy):
 
     # ------------------------------------------------------------------ train
 
+    def uplink_for(self, server_round: int) -> str | None:
+        """The uplink codec spec the clients are asked for in `server_round` (None: each client's choice)."""
+        return self.round_codecs.get(server_round, self.uplink_codec)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        stats = RoundStats(server_round, self.uplink_codec, self.downlink_codec)
+        stats = RoundStats(server_round, self.uplink_for(server_round), self.downlink_codec)
         self.history[server_round] = stats
         self._sent = []
         converted: dict[int, tuple[RecordDict, Transfer]] = {}
@@ -778,9 +818,10 @@ class CompressedStrategy(Strategy):
             new[name] = rec
         for name, meta in metas.items():
             new[name] = meta
-        handshake = {"v": _VERSION, "uplink": self.uplink_codec or "", "round": server_round}
-        if self.uplink_model:
-            handshake["uplink-model"] = self.uplink_model
+        uplink = self.uplink_for(server_round) or ""
+        handshake = {"v": _VERSION, "uplink": uplink, "round": server_round}
+        if fingerprint := self._fingerprints.get(uplink):
+            handshake["uplink-model"] = fingerprint
         new[HANDSHAKE_KEY] = ConfigRecord(handshake)
         return new, Transfer(-1, spec, payload, uncompressed, seconds=time.perf_counter() - t0)
 
@@ -797,7 +838,7 @@ class CompressedStrategy(Strategy):
         return _make_record(gradcodec.encode(tensors, self.downlink_codec), as_is), ConfigRecord({"keys": list(rec.keys())})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        stats = self.history.setdefault(server_round, RoundStats(server_round, self.uplink_codec, self.downlink_codec))
+        stats = self.history.setdefault(server_round, RoundStats(server_round, self.uplink_for(server_round), self.downlink_codec))
         by_id = {m.metadata.message_id: c for m, c in self._sent if m.metadata.message_id}
         by_node = {m.metadata.dst_node_id: c for m, c in self._sent}
         shared = {id(c) for _, c in self._sent}

@@ -29,6 +29,7 @@ from gradcodec.integrations.flower import (  # noqa: E402
     HANDSHAKE_KEY,
     META_PREFIX,
     RECORD_KEY,
+    RESIDUALS_PREFIX,
     STYPE,
     CompressedStrategy,
     gradcodec_mod,
@@ -239,7 +240,7 @@ def test_a_stale_residual_is_decayed_by_the_rounds_its_client_missed(task_identi
     wrapper, ctx = CompressedStrategy(fedavg(1)), new_context(1)
     mod = gradcodec_mod("int4", residual_decay=decay)
     (arrays, _), _ = run_round(wrapper, g, make_app(lambda r, n: {"x": moved}), mod, {1: ctx}, 1)
-    state_key = next(k for k in ctx.state if k.startswith("gradcodec:int4"))
+    state_key = RESIDUALS_PREFIX + "arrays"
     before = ctx.state[state_key]["residual.x"].numpy().copy()
     assert np.abs(before).max() > 0
     g4 = ArrayRecord({"x": Array(arrays["x"].numpy())})
@@ -248,6 +249,32 @@ def test_a_stale_residual_is_decayed_by_the_rounds_its_client_missed(task_identi
     after = ctx.state[state_key]["residual.x"].numpy() if state_key in ctx.state else np.zeros(256, np.float32)
     np.testing.assert_allclose(sent + after, decay**2 * before, atol=5e-7)  # float32 rounding of g + update - g
     assert ctx.state["gradcodec:rounds"][state_key] == 4
+
+
+def test_round_codecs_switch_the_uplink_and_the_next_codec_sends_the_residuals_left_waiting(task_identity):
+    """Two rounds of top-k 1 %, then a round of int8 (`round_codecs`): each round's payload has the codec
+    asked for, and the int8 round carries what top-k held back: after it, everything sent plus the client's
+    residual is the sum of its updates, and the residual is int8-small."""
+    n = 4096
+    g = ArrayRecord({"x": Array(np.zeros(n, np.float32))})
+    updates = [np.random.default_rng(r).standard_normal(n).astype(np.float32) for r in range(3)]
+    wrapper = CompressedStrategy(fedavg(1), uplink_codec="topk:ratio=0.01|raw", round_codecs={3: "int8"})
+    topk, int8 = gradcodec.get_codec("topk:ratio=0.01|raw").spec, gradcodec.get_codec("int8").spec
+    assert [wrapper.uplink_for(r) for r in (1, 2, 3, 4)] == [topk, topk, int8, topk]
+    ctx, mod = new_context(1), gradcodec_mod("raw")
+    total = np.zeros(n, np.float32)
+    for r, u in enumerate(updates, start=1):
+        current = ArrayRecord({"x": Array(total.copy())})
+        (arrays, _), (reply,) = run_round(wrapper, current, make_app(lambda rec, node, u=u: {"x": rec["x"] + u}), mod, {1: ctx}, r)
+        assert wrapper.history[r].uplink[1].codec == wrapper.uplink_for(r)
+        total = arrays["x"].numpy()
+        residual = ctx.state[RESIDUALS_PREFIX + "arrays"]["residual.x"].numpy()
+        np.testing.assert_allclose(total + residual, np.sum(updates[:r], axis=0), atol=1e-4)
+        if r < 3:
+            assert np.abs(residual).max() > 1.0  # top-k 1 % leaves most of the update waiting
+    assert np.linalg.norm(residual) < 0.02 * np.linalg.norm(np.sum(updates, axis=0))  # flushed by int8
+    with pytest.raises(gradcodec.errors.UnknownCodec):
+        CompressedStrategy(fedavg(1), round_codecs={3: "nonsense"})
 
 
 @pytest.mark.parametrize("case", ["nan", "new key"])
@@ -360,11 +387,11 @@ def test_an_update_gradcodec_refuses_is_sent_uncompressed(task_identity):
     ctx = new_context(1)
     wrapper = CompressedStrategy(fedavg(1))
     run_round(wrapper, g, make_app(), gradcodec_mod("int8"), {1: ctx})
-    assert any(k.startswith("gradcodec:int8") for k in ctx.state)  # residuals saved
+    assert RESIDUALS_PREFIX + "arrays" in ctx.state  # residuals saved
     _, (reply,) = run_round(wrapper, g, make_app(nan_update), gradcodec_mod("int8"), {1: ctx}, 2)
     assert wrapper.history[2].uplink[1].codec is None  # arrived as the app made it
     assert np.isnan(reply.content["arrays"]["w"].numpy()[0, 0])
-    assert not any(k.startswith("gradcodec:int8") for k in ctx.state)  # and the stale residuals are gone
+    assert RESIDUALS_PREFIX + "arrays" not in ctx.state  # and the stale residuals are gone
 
 
 def test_mod_does_nothing_without_the_handshake(task_identity):
@@ -388,7 +415,7 @@ def test_error_feedback_state_persists_in_context_state_and_survives_missed_roun
     g = ArrayRecord({"x": Array(np.zeros(n, np.float32))})
     updates = [np.random.default_rng(r).standard_normal(n).astype(np.float32) * (1 + r) for r in range(3)]
     ctx = new_context(7)
-    state_key = "gradcodec:int4:block=64:arrays"
+    state_key = RESIDUALS_PREFIX + "arrays"
     wrapper = CompressedStrategy(fedavg(1))
     total_sent = np.zeros(n, np.float32)
     global_np = arrays_of(g)["x"]

@@ -183,7 +183,8 @@ def _compression_mod(fixed: FedTrainConfig | None):
 
     def mod(msg: Message, context: Context, call_next):
         cfg = _config_of(fixed, context)
-        return _gradcodec_mod(cfg.codecs, cfg.error_feedback, cfg.seed, cfg.residual_decay)(msg, context, call_next)
+        codecs = cfg.codecs + ((cfg.final_codec,) if cfg.final_codec else ())
+        return _gradcodec_mod(codecs, cfg.error_feedback, cfg.seed, cfg.residual_decay)(msg, context, call_next)
 
     return mod
 
@@ -363,11 +364,14 @@ def _run_codec(grid: Grid, cfg: FedTrainConfig, spec: str, partitions: dict[int,
     feedback = cfg.error_feedback and not codec.lossless  # what gradcodec_mod does
     epsilons = _epsilons(codec.prepass, cfg)
     fedavg = LoraFedAvg(cfg, partitions)
-    strategy = CompressedStrategy(fedavg, downlink_codec=cfg.downlink_codec or None, uplink_codec=spec)
-    bar = tqdm(total=cfg.rounds, desc=spec, unit="round", disable=not cfg.progress, leave=True)
+    # With a final codec, the last round sends what error feedback still holds back (see final_codec).
+    final = {cfg.rounds: cfg.final_codec} if cfg.final_codec and feedback else None
+    label = f"{spec} (last round: {cfg.final_codec})" if final else spec
+    strategy = CompressedStrategy(fedavg, downlink_codec=cfg.downlink_codec or None, uplink_codec=spec, round_codecs=final)
+    bar = tqdm(total=cfg.rounds, desc=label, unit="round", disable=not cfg.progress, leave=True)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        record: dict[str, Any] = {"codec": spec, "round": server_round, "error_feedback": feedback}
+        record: dict[str, Any] = {"codec": label, "round": server_round, "error_feedback": feedback}
         if cfg.evaluates(server_round):
             record.update(evaluator(_to_state(arrays), initial=server_round == 0))
         if server_round > 0:

@@ -75,6 +75,8 @@ class FedTrainConfig:
     error_feedback: bool = _opt(True, "clients keep error-feedback residuals for lossy codecs")
     residual_decay: float = _opt(1.0, "a residual is scaled by this per round its client was not sampled (1: keep, 0: drop)")
     downlink_codec: str = _opt("", "also compress the global adapter sent to clients (e.g. bf16; empty: none)")
+    final_codec: str = _opt("", "lossy codecs with error feedback send the last round with this codec instead (e.g. int4): "
+                                "the update plus every residual still waiting; its bytes count in the table (empty: none)")
     cgfed_model: str = _opt("", "AutoEncoder file for cgfed entries without model= (default: TGAP trains one)")
     cgfed_ratio: str = _opt("1/64", "cgfed without a model file: the AE's latent / canvas ratio TGAP trains")
     tgap_rounds: int = _opt(20, "cgfed without a model file: rounds of the TGAP pilot run that collects updates")
@@ -113,6 +115,8 @@ class FedTrainConfig:
             problems.append(f"eval_examples must be >= 1 (the server evaluates every round), got {self.eval_examples}")
         if not codecs or not all(isinstance(c, str) and c.strip() for c in codecs):
             problems.append(f"codecs must be a non-empty list of codec specs, got {self.codecs!r}")
+        if self.final_codec and learned_codec_needs_model(self.final_codec):
+            problems.append(f"final_codec {self.final_codec!r} needs its model file (model=FILE)")
         if not self.targets:
             problems.append("lora_targets names no layer")
         try:

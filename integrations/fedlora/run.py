@@ -161,7 +161,7 @@ def simulate(cfg: FedTrainConfig, verbose: bool = False) -> FedTrainResult:
     from .app import load_model, make_client_app, make_server_app
 
     t0 = time.perf_counter()
-    for spec in cfg.codecs:
+    for spec in cfg.codecs + ((cfg.final_codec,) if cfg.final_codec else ()):
         gradcodec.get_codec(spec)  # a bad spec fails here, before any training
     load_model(cfg)  # pre-train or load the base here, once, before the virtual clients need it
     cfg = prepare_codecs(cfg)
