@@ -1,4 +1,5 @@
 """NVIDIA FLARE filters: client encoding of updates, server decoding, state per client and job, bad payloads."""
+import json
 import logging
 
 import numpy as np
@@ -13,7 +14,13 @@ from nvflare.apis.fl_constant import ReservedKey, ReturnCode  # noqa: E402
 from nvflare.apis.fl_context import FLContext  # noqa: E402
 
 import gradcodec  # noqa: E402
-from gradcodec.integrations.nvflare import PAYLOAD_KEY, GradcodecDecoder, GradcodecEncoder, clear_client_state  # noqa: E402
+from gradcodec.integrations.nvflare import (  # noqa: E402
+    PAYLOAD_KEY,
+    GradcodecDecoder,
+    GradcodecEncoder,
+    allow_gradcodec_classes,
+    clear_client_state,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -147,10 +154,48 @@ def test_a_bad_spec_is_refused_when_the_job_is_built():
         GradcodecEncoder("int9")
 
 
+class _SiteWorkspace:
+    """What FLARE's component authorizer asks of a site's workspace: where its resources file is."""
+
+    def __init__(self, local_dir):
+        self.local_dir = local_dir
+
+    def get_resources_file_path(self):
+        return str(self.local_dir / "resources.json")
+
+
+def _authorize(local_dir, class_path: str) -> None:
+    from nvflare.app_common.widgets.component_path_authorizer import ComponentPathAuthorizer
+
+    ComponentPathAuthorizer().authorize_component_config({"path": class_path}, workspace=_SiteWorkspace(local_dir))
+
+
+def test_a_site_allowing_gradcodec_builds_its_classes_and_still_nvflares_own(tmp_path):
+    from nvflare.apis.fl_exception import UnsafeComponentError
+
+    (tmp_path / "resources.json").write_text(json.dumps({}))
+    with pytest.raises(UnsafeComponentError, match="not in allow_list"):  # FLARE's default: nvflare's classes only
+        _authorize(tmp_path, "gradcodec.integrations.nvflare.lora_job.LoraFedAvg")
+    allow_gradcodec_classes(str(tmp_path))
+    _authorize(tmp_path, "gradcodec.integrations.nvflare.lora_job.LoraFedAvg")
+    _authorize(tmp_path, "gradcodec.integrations.nvflare.filters.GradcodecEncoder")
+    _authorize(tmp_path, "nvflare.app_common.workflows.fedavg.FedAvg")
+    with pytest.raises(UnsafeComponentError):
+        _authorize(tmp_path, "gradcodecx.Evil")
+
+
+def test_allowing_gradcodec_keeps_the_sites_own_settings_and_list(tmp_path):
+    (tmp_path / "resources.json.default").write_text(json.dumps({"format_version": 2, "class_allow_list": ["mylab."]}))
+    allow_gradcodec_classes(str(tmp_path))
+    allow_gradcodec_classes(str(tmp_path))  # idempotent
+    written = json.loads((tmp_path / "resources.json").read_text())
+    assert written == {"format_version": 2, "class_allow_list": ["mylab.", "gradcodec."]}
+    (tmp_path / "resources.json").write_text(json.dumps({"class_allow_list": ["*"]}))
+    allow_gradcodec_classes(str(tmp_path))
+    assert json.loads((tmp_path / "resources.json").read_text())["class_allow_list"] == ["*"]
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(reason="on a fresh clone FLARE 2.9's simulator refuses the job's controller "
-                          "(ComponentNotAuthorized for gradcodec.integrations.nvflare.lora_job.LoraFedAvg); open in issue 11",
-                   strict=False)
 def test_flare_simulator_job_trains_with_and_without_the_filters(tmp_path):
     """Two clients, two rounds of LoRA FedAvg in FLARE's simulator; int8 ends close to uncompressed."""
     from gradcodec.integrations.nvflare.lora_job import build_job, eval_loss, lora_model, run_job

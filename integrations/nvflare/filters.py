@@ -31,6 +31,8 @@ model files it holds (`models=[...]`); the encoder uses the one whose fingerprin
 picks the matching file among its own `models`.
 """
 import hashlib
+import json
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -42,13 +44,15 @@ from nvflare.apis.filter import Filter, FilterChainType, FilterContextKey
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 from nvflare.job_config.defs import FilterType
 
 import gradcodec
 from gradcodec.errors import GradcodecError, ModelMismatch
 from gradcodec.learned import LearnedModel, load_model
 
-__all__ = ["GradcodecEncoder", "GradcodecDecoder", "PAYLOAD_KEY", "clear_client_state", "ship_as_installed_package"]
+__all__ = ["GradcodecEncoder", "GradcodecDecoder", "PAYLOAD_KEY", "allow_gradcodec_classes", "clear_client_state",
+           "ship_as_installed_package"]
 
 PAYLOAD_KEY = "__gradcodec__"  # the one entry of an encoded DXO's data: the payload as a uint8 array
 META_SPEC = "gradcodec_spec"
@@ -101,6 +105,10 @@ def ship_as_installed_package(job) -> None:
     into the job's "custom" folder, and before it looks at `set_app_packages` it checks that a module's
     file path ends in its dotted name, which fails for gradcodec (its `integrations/` folder installs as
     `gradcodec.integrations`). So modules of gradcodec are skipped before that check, on this job only.
+
+    A job without a "custom" folder is not bring-your-own-code, so FLARE (>= 2.8) builds only the
+    classes its sites list in `class_allow_list`: each site must allow "gradcodec." once
+    (`allow_gradcodec_classes`), as it would any other installed package.
     """
     config = job.job
     packages = list(getattr(config, "app_packages", None) or [])
@@ -117,6 +125,37 @@ def ship_as_installed_package(job) -> None:
 
     get_custom_file.gradcodec_skips = True
     config._get_custom_file = get_custom_file
+
+
+SITE_RESOURCES = "resources.json"
+
+
+def allow_gradcodec_classes(local_dir: str) -> str:
+    """Add "gradcodec." to the class allow-list of the FLARE site whose `local/` folder is `local_dir`.
+
+    FLARE (>= 2.8) builds a job's components only from classes the site allows (`class_allow_list` in
+    local/resources.json; nvflare's own classes when the key is absent) unless the job brings its own
+    code, which jobs using gradcodec's installed classes do not. The site's resources.json (or, when
+    there is none yet, its resources.json.default) is kept and the prefix added; a site without either
+    gets nvflare's default list plus gradcodec. For the simulator, `local_dir` is `<workspace>/local`,
+    which it copies to every site it creates. Returns the path written.
+    """
+    os.makedirs(local_dir, exist_ok=True)
+    resources = {}
+    for name in (SITE_RESOURCES, SITE_RESOURCES + ".default"):
+        path = os.path.join(local_dir, name)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                resources = json.load(f)
+            break
+    allowed = list(resources.get("class_allow_list", DEFAULT_CLASS_ALLOW_LIST))
+    if "*" not in allowed and "gradcodec." not in allowed:
+        allowed.append("gradcodec.")
+    resources["class_allow_list"] = allowed
+    target = os.path.join(local_dir, SITE_RESOURCES)
+    with open(target, "w", encoding="utf-8") as f:
+        json.dump(resources, f, indent=2)
+    return target
 
 
 class _AddsItselfToJobs(Filter):

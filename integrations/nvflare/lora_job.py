@@ -30,7 +30,8 @@ from nvflare.job_config.api import FedJob
 from gradcodec.integrations.fedlora.dataset import generate_examples
 from gradcodec.integrations.fedlora.model import attach_lora, build_model, load_tokenizer, pretrained_base
 from gradcodec.integrations.fedlora.train import evaluate, local_train
-from gradcodec.integrations.nvflare.filters import GradcodecDecoder, GradcodecEncoder, ship_as_installed_package
+from gradcodec.integrations.nvflare.filters import (GradcodecDecoder, GradcodecEncoder, allow_gradcodec_classes,
+                                                    ship_as_installed_package)
 from gradcodec.integrations.peft import load_lora_state, lora_state
 
 GLOBAL_FILE = "global_lora.safetensors"
@@ -122,9 +123,13 @@ def build_job(spec: str | None = None, *, n_clients: int = 2, rounds: int = 3, p
 
 
 def run_job(job: FedJob, workspace: str) -> dict[str, torch.Tensor]:
-    """Run `job` in FLARE's simulator under `workspace`; the final global adapter."""
+    """Run `job` in FLARE's simulator under `workspace`; the final global adapter.
+
+    The simulated sites are configured like real ones would be: they allow gradcodec's classes.
+    """
     from safetensors.torch import load_file
 
+    allow_gradcodec_classes(os.path.join(workspace, "local"))
     job.simulator_run(workspace, threads=len(job.clients), log_config="concise")
     found = sorted(glob.glob(os.path.join(workspace, "**", GLOBAL_FILE), recursive=True), key=os.path.getmtime)
     if not found:
