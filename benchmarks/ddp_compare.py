@@ -28,13 +28,30 @@ from gradcodec.integrations.ddp import GradcodecHookState, gradcodec_hook
 WORLD = 2
 RANK = 4  # PowerSGD rank, torch's and gradcodec's
 GRADCODEC_SPECS = ["fp16", "int8", "int4", f"powersgd:rank={RANK}", "topk:ratio=0.01|int8"]
-DIM_IN, HIDDEN, CLASSES, BATCH = 128, 384, 10, 64
+DIM_IN, CLASSES, BATCH = 128, 10, 64
 
 
-def _model() -> torch.nn.Module:
+def _model(hidden: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(DIM_IN, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, HIDDEN),
-                               torch.nn.ReLU(), torch.nn.Linear(HIDDEN, CLASSES))
+    return torch.nn.Sequential(torch.nn.Linear(DIM_IN, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
+                               torch.nn.ReLU(), torch.nn.Linear(hidden, CLASSES))
+
+
+def powersgd_in_bucket_order(state: powerSGD_hook.PowerSGDState,
+                             bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """torch's `powerSGD_hook`, finished before the next bucket's hook starts.
+
+    torch's hook issues its P and Q all-reduces from callbacks of the previous all-reduce's future. On
+    gloo those callbacks run on a gloo thread when the data arrives, so with two or more buckets each
+    rank interleaves them with the next bucket's all-reduce (issued by the backward pass) in its own
+    order. Gloo pairs collectives by the order they are issued, and the job aborts ("Received data size
+    doesn't match expected size"). Waiting here keeps one order on every rank; like gradcodec's hook,
+    which waits for its all-gather, it gives up overlapping a bucket's communication with the backward
+    pass of the rest. With one bucket nothing is lost: DDP waits for that bucket anyway.
+    """
+    future = powerSGD_hook.powerSGD_hook(state, bucket)
+    future.wait()
+    return future
 
 
 def _teacher_data(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,13 +86,13 @@ def _configs() -> list[tuple[str, str, object]]:
             + [(f"gradcodec {spec}", "gradcodec", spec) for spec in GRADCODEC_SPECS])
 
 
-def _train(rank: int, kind: str, spec: str | None, steps: int, counter: _ByteCounter) -> dict:
-    model = DDP(_model())
+def _train(rank: int, kind: str, spec: str | None, steps: int, hidden: int, counter: _ByteCounter) -> dict:
+    model = DDP(_model(hidden))
     if kind == "fp16":
         model.register_comm_hook(None, default_hooks.fp16_compress_hook)
     elif kind == "powersgd":
         state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=RANK, start_powerSGD_iter=2)
-        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        model.register_comm_hook(state, powersgd_in_bucket_order)
     elif kind == "gradcodec":
         model.register_comm_hook(GradcodecHookState(spec, seed=1), gradcodec_hook)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -100,10 +117,11 @@ def _train(rank: int, kind: str, spec: str | None, steps: int, counter: _ByteCou
     tail = max(steps // 10, 1)
     # step 0 is DDP's first (bucket rebuild); torch's PowerSGD all-reduces uncompressed before step 2
     return {"bytes_per_step": statistics.mean(sent[2:]), "step_ms_median": 1e3 * statistics.median(times[2:]),
-            "final_train_loss": statistics.mean(losses[-tail:]), "eval_loss": eval_loss, "grad_bytes": grad_bytes}
+            "final_train_loss": statistics.mean(losses[-tail:]), "eval_loss": eval_loss, "grad_bytes": grad_bytes,
+            "buckets": model._get_ddp_logging_data().get("num_buckets_reduced")}
 
 
-def _worker(rank: int, port: int, steps: int, repeats: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, steps: int, hidden: int, repeats: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -111,7 +129,7 @@ def _worker(rank: int, port: int, steps: int, repeats: int, out_dir: str) -> Non
     results: dict[str, list[dict]] = {}
     for _ in range(repeats):  # interleaved repeats: contention from other jobs hits every configuration alike
         for label, kind, spec in _configs():
-            results.setdefault(label, []).append(_train(rank, kind, spec, steps, counter))
+            results.setdefault(label, []).append(_train(rank, kind, spec, steps, hidden, counter))
     torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
 
@@ -120,13 +138,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration; step time is the min")
+    parser.add_argument("--hidden", type=int, default=384,
+                        help="MLP width: 384 gives one DDP bucket, 512 two (DDP's first bucket holds 1 MB)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(port, args.steps, args.repeats, out), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(port, args.steps, args.hidden, args.repeats, out), nprocs=WORLD, join=True)
         per_rank = [torch.load(os.path.join(out, f"{r}.pt")) for r in range(WORLD)]
     rows = []
     for label, _, _ in _configs():
@@ -134,17 +154,19 @@ def main() -> None:
         rows.append({"config": label, "bytes_per_step": runs[0]["bytes_per_step"],
                      "step_ms": min(r["step_ms_median"] for r in runs),
                      "final_train_loss": runs[0]["final_train_loss"], "eval_loss": runs[0]["eval_loss"],
-                     "eval_loss_rank1": per_rank[1][label][0]["eval_loss"]})
+                     "eval_loss_rank1": per_rank[1][label][0]["eval_loss"], "buckets": runs[0]["buckets"]})
     base = rows[0]
+    print(f"DDP buckets: {rows[0]['buckets']}")
     print(f"| config | bytes/step/rank | vs no hook | step ms (median, min of {args.repeats}) | final train loss | eval loss |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['bytes_per_step']:,.0f} | {base['bytes_per_step'] / r['bytes_per_step']:.1f}x "
               f"| {r['step_ms']:.2f} | {r['final_train_loss']:.4f} | {r['eval_loss']:.4f} |")
     if args.out:
-        meta = {"command": f"python benchmarks/ddp_compare.py --steps {args.steps} --repeats {args.repeats}",
+        meta = {"command": f"python benchmarks/ddp_compare.py --steps {args.steps} --repeats {args.repeats} --hidden {args.hidden}",
                 "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), shared with other jobs; gloo, 2 processes, 1 thread each",
-                "torch": torch.__version__, "model": f"MLP {DIM_IN}-{HIDDEN}-{HIDDEN}-{CLASSES}",
+                "torch": torch.__version__, "model": f"MLP {DIM_IN}-{args.hidden}-{args.hidden}-{CLASSES}",
+                "ddp_buckets": rows[0]["buckets"],
                 "batch_per_rank": BATCH, "steps": args.steps, "optimizer": "SGD lr 0.05 momentum 0.9"}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
