@@ -145,6 +145,24 @@ def test_local_train_is_deterministic_given_a_seed():
     assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])  # another batch order
 
 
+def test_local_train_with_sgd_takes_plain_clipped_gradient_steps():
+    """One SGD step is exactly params - lr * (gradient clipped to norm 1), computed here by hand."""
+    model = attach_lora(build_model("tiny", seed=0), seed=0)
+    examples = generate_examples(8, 2)
+    local_train(model, examples, BYTES, steps=1, lr=1e-2, batch_size=8, seed=0)  # B moves off zero: A gets gradients
+    features = [tokenize_example(e, BYTES, 128) for e in examples]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    loss_sum, count = fl_train._token_losses(model, collate(features, BYTES.pad_id))
+    grads = torch.autograd.grad(loss_sum.sum() / count.sum(), list(params.values()))
+    scale = min(1.0, 1.0 / (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() + 1e-6))
+    local_train(model, examples, BYTES, steps=1, lr=0.5, batch_size=8, seed=0, optimizer="sgd")  # one pass = the same batch
+    for (n, p), g in zip(params.items(), grads):
+        torch.testing.assert_close(p.detach(), before[n] - 0.5 * scale * g, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="optimizer must be one of adamw, sgd"):
+        local_train(model, examples, BYTES, steps=1, optimizer="lion")
+
+
 def test_local_train_counts_epochs_and_checks_its_arguments():
     model = attach_lora(build_model("tiny", seed=0), seed=0)
     examples = generate_examples(20, 0)

@@ -162,7 +162,7 @@ def client_train(msg: Message, context: Context, cfg: FedTrainConfig) -> Message
     t0 = time.perf_counter()
     stats = local_train(model, features, tokenizer, **length, lr=cfg.lr_at(server_round), batch_size=cfg.batch_size,
                         seed=cfg.seed * 1_000_003 + server_round * 1009 + partition, max_length=cfg.max_length,
-                        progress=cfg.progress)
+                        progress=cfg.progress, optimizer=cfg.optimizer)
     metrics = MetricRecord({"num-examples": stats["num_examples"], "train-loss": stats["loss"],
                             "partition-id": partition, "train-s": time.perf_counter() - t0})
     return Message(RecordDict({"arrays": _to_record(peft.lora_state(model)), "metrics": metrics}), reply_to=msg)

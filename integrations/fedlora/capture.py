@@ -57,6 +57,7 @@ class CaptureConfig:
     local_steps: int = 10
     lr: float = 1e-3
     batch_size: int = 16
+    optimizer: str = "adamw"
     max_length: int = 128
     dirichlet_alpha: float = 0.5
     lora_seed: int = 0
@@ -123,7 +124,7 @@ def run_federated(config: CaptureConfig = CaptureConfig(), transmit: Transmit | 
             peft.load_lora_state(model, global_state)
             stats = local_train(model, clients[client], tokenizer, steps=config.local_steps, lr=config.lr,
                                 batch_size=config.batch_size, seed=config.seed * 1_000_003 + server_round * 1009 + client,
-                                max_length=config.max_length)
+                                max_length=config.max_length, optimizer=config.optimizer)
             state = peft.lora_state(model)
             update = peft.lora_delta(state, global_state)
             received = transmit(client, rnd, update) if transmit is not None else update

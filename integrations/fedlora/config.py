@@ -68,6 +68,7 @@ class FedTrainConfig:
     lr: float = _opt(3e-3, "local learning rate (of round 1 with lr_schedule cosine)")
     lr_schedule: str = _opt("constant", "local learning rate over rounds: constant, or cosine (decays to ~0 by the last round)")
     batch_size: int = _opt(16, "local batch size")
+    optimizer: str = _opt("adamw", "clients' local optimizer, fresh each round: adamw, or sgd (plain SGD; needs a far larger lr, e.g. 1)")
     seed: int = _opt(0, "seed of client sampling, local batches and stochastic codecs")
     seeds: str = _opt("", "paired comparison: run every codec once per seed (e.g. 0,1,2; each sets seed and lora_seed) and report paired 95 %% CIs vs raw")
     # ---- compression
@@ -105,6 +106,8 @@ class FedTrainConfig:
             problems.append(f"need local_steps >= 1 or local_epochs > 0, got {self.local_steps} and {self.local_epochs}")
         if not 0 < self.fraction <= 1:
             problems.append(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.optimizer not in ("adamw", "sgd"):
+            problems.append(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             problems.append(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if not 0 <= self.residual_decay <= 1:

@@ -35,7 +35,7 @@ def capture_config(cfg: FedTrainConfig, eval_examples: int = 0):
         model=cfg.model, pretrained=cfg.pretrained, data=cfg.data or None, examples=cfg.train_examples,
         eval_examples=eval_examples, rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, targets=cfg.targets,
         num_clients=cfg.num_clients, clients_per_round=cfg.clients_per_round(), rounds=cfg.rounds,
-        local_steps=cfg.local_steps, lr=cfg.lr, batch_size=cfg.batch_size, max_length=cfg.max_length,
+        local_steps=cfg.local_steps, lr=cfg.lr, batch_size=cfg.batch_size, optimizer=cfg.optimizer, max_length=cfg.max_length,
         dirichlet_alpha=cfg.dirichlet_alpha, lora_seed=cfg.lora_seed, seed=cfg.seed, data_seed=cfg.data_seed,
         device=cfg.device, dtype=cfg.dtype, keep_states=False,
     )

@@ -34,16 +34,21 @@ def _token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tup
     return losses.sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)
 
 
+# Local optimizers: AdamW (the usual LoRA recipe) and plain SGD (smoother dynamics; see fedtrain.md).
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def train_steps(model: torch.nn.Module, params: Iterable[torch.nn.Parameter], features: Sequence[Feature],
                 pad_id: int, *, steps: int, lr: float, batch_size: int, seed: int, weight_decay: float = 0.0,
                 betas: tuple[float, float] = (0.9, 0.999), max_grad_norm: float | None = 1.0,
                 lr_schedule: Callable[[int], float] | None = None, progress: bool = False,
-                desc: str = "train") -> list[float]:
-    """Run `steps` AdamW steps on `params` and return each step's loss (mean over the batch's labelled tokens).
+                desc: str = "train", optimizer: str = "adamw") -> list[float]:
+    """Run `steps` optimizer steps on `params` and return each step's loss (mean over the batch's labelled tokens).
 
     Batches are cut from a stream of seeded random permutations of `features`, so every batch has
-    `batch_size` rows and every feature is seen once per pass. The optimizer is fresh on each call, as a
-    federated client's is at each round. `lr_schedule(step)`, if given, multiplies `lr` at each step.
+    `batch_size` rows and every feature is seen once per pass. The optimizer (`OPTIMIZERS`) is fresh on
+    each call, as a federated client's is at each round. `lr_schedule(step)`, if given, multiplies `lr`
+    at each step.
     Full pre-training and LoRA fine-tuning both use this loop.
     """
     params = list(params)
@@ -53,9 +58,14 @@ def train_steps(model: torch.nn.Module, params: Iterable[torch.nn.Parameter], fe
         raise ValueError("cannot train on an empty dataset")
     if steps < 0 or batch_size < 1 or not lr > 0:
         raise ValueError(f"need steps >= 0, batch_size >= 1 and lr > 0; got {steps}, {batch_size}, {lr}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
     was_training = model.training
     model.train()
     losses = []
@@ -64,7 +74,7 @@ def train_steps(model: torch.nn.Module, params: Iterable[torch.nn.Parameter], fe
         torch.manual_seed(seed)  # dropout, if the model has any
         for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
             if lr_schedule is not None:
-                for group in optimizer.param_groups:
+                for group in opt.param_groups:
                     group["lr"] = lr * lr_schedule(step)
             while len(order) < batch_size:
                 order += torch.randperm(len(features), generator=generator).tolist()
@@ -72,11 +82,11 @@ def train_steps(model: torch.nn.Module, params: Iterable[torch.nn.Parameter], fe
             del order[:batch_size]
             loss_sum, count = _token_losses(model, batch)
             loss = loss_sum.sum() / count.sum().clamp(min=1)
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
+            opt.step()
             losses.append(loss.item())
     model.train(was_training)
     return losses
@@ -85,8 +95,8 @@ def train_steps(model: torch.nn.Module, params: Iterable[torch.nn.Parameter], fe
 def local_train(model: torch.nn.Module, data: Sequence[Example | Feature], tokenizer: Tokenizer, *,
                 steps: int | None = None, epochs: float | None = None, lr: float = 1e-3, batch_size: int = 16,
                 seed: int = 0, max_length: int = 128, weight_decay: float = 0.0,
-                max_grad_norm: float | None = 1.0, progress: bool = False) -> dict[str, float | int]:
-    """Train the model's LoRA adapter with AdamW on `data`; give exactly one of `steps`, `epochs`.
+                max_grad_norm: float | None = 1.0, progress: bool = False, optimizer: str = "adamw") -> dict[str, float | int]:
+    """Train the model's LoRA adapter with `optimizer` (AdamW or SGD) on `data`; give exactly one of `steps`, `epochs`.
 
     `data` holds examples (`dataset.generate_examples` / `load_instructions`) or features already made by
     `dataset.tokenize_example`. `epochs` may be fractional: it sets `ceil(epochs * len(data) / batch_size)`
@@ -107,7 +117,7 @@ def local_train(model: torch.nn.Module, data: Sequence[Example | Feature], token
                          "wrap it with fedlora.model.attach_lora first")
     losses = train_steps(model, trainable.values(), _features(data, tokenizer, max_length), tokenizer.pad_id,
                          steps=steps, lr=lr, batch_size=batch_size, seed=seed, weight_decay=weight_decay,
-                         max_grad_norm=max_grad_norm, progress=progress, desc="local train")
+                         max_grad_norm=max_grad_norm, progress=progress, desc="local train", optimizer=optimizer)
     return {"loss": sum(losses) / len(losses) if losses else float("nan"), "num_examples": len(data), "steps": steps}
 
 
