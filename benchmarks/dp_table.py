@@ -164,9 +164,12 @@ def collect(runs: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         seed = int(out_dir.parent.name.split("-", 1)[1])
         noise = float(out_dir.name.split("-", 1)[1])
         wall = json.loads((out_dir / "wall.json").read_text()) if (out_dir / "wall.json").exists() else {}
+        rows = json.loads(summary.read_text()).get("rows")
+        if rows is None:  # not a fedtrain summary (a run held back by hand)
+            continue
         calls[f"seed-{seed}/noise-{noise:g}"] = {"wall_s": wall.get("wall_s"), "command": wall.get("command"),
                                                 "initial_eval_loss": _initial_loss(out_dir)}
-        for row in json.loads(summary.read_text())["rows"]:
+        for row in rows:
             dp_noise = noise_of(row["codec"])
             per_run.append({
                 "seed": seed, "noise": dp_noise, "codec": codec_name(row["codec"]), "spec": row["codec"],
