@@ -95,9 +95,11 @@ def choose_clip(cfg, runs: Path) -> dict[str, Any]:
 
 
 def specs_for(clip: float, noise: float, codecs: Sequence[str], plain_raw: bool) -> list[str]:
-    """The --compare list of one noise level (plain `raw` first when asked: the no-DP reference)."""
+    """The --compare list of one noise level. With `plain_raw`, the no-DP references come first: plain
+    `raw`, and plain cgfed (the same AE) when cgfed is among the codecs."""
     specs = [f"dp:clip={clip:g},noise={noise:g}|{c}" for c in codecs]
-    return (["raw"] if plain_raw else []) + specs
+    plain = ["raw"] + [c for c in codecs if c.split(":")[0] == "cgfed"]
+    return (plain if plain_raw else []) + specs
 
 
 def codec_name(spec: str) -> str:
@@ -159,15 +161,14 @@ def _initial_loss(out_dir: Path) -> float | None:
 def collect(runs: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every run's figures (one dict per seed, noise and codec) and the per-(seed, noise) call info."""
     per_run, calls = [], {}
-    for summary in sorted(runs.glob("seed-*/noise-*/summary.json")):
+    for summary in sorted(runs.glob("seed-*/*/summary.json")):  # noise-N/, and extra no-DP references
         out_dir = summary.parent
         seed = int(out_dir.parent.name.split("-", 1)[1])
-        noise = float(out_dir.name.split("-", 1)[1])
         wall = json.loads((out_dir / "wall.json").read_text()) if (out_dir / "wall.json").exists() else {}
         rows = json.loads(summary.read_text()).get("rows")
         if rows is None:  # not a fedtrain summary (a run held back by hand)
             continue
-        calls[f"seed-{seed}/noise-{noise:g}"] = {"wall_s": wall.get("wall_s"), "command": wall.get("command"),
+        calls[f"seed-{seed}/{out_dir.name}"] = {"wall_s": wall.get("wall_s"), "command": wall.get("command"),
                                                 "initial_eval_loss": _initial_loss(out_dir)}
         for row in rows:
             dp_noise = noise_of(row["codec"])

@@ -29,6 +29,8 @@ def test_specs_put_the_dp_stage_first_and_plain_raw_only_when_asked():
     specs = dp_table.specs_for(1.5, 0.5, ["raw", "topk:ratio=0.01|fp16"], plain_raw=False)
     assert specs == ["dp:clip=1.5,noise=0.5|raw", "dp:clip=1.5,noise=0.5|topk:ratio=0.01|fp16"]
     assert dp_table.specs_for(2, 0, ["int8"], plain_raw=True) == ["raw", "dp:clip=2,noise=0|int8"]
+    assert dp_table.specs_for(2, 0, ["raw", "cgfed:model=/a.st"], plain_raw=True) == [
+        "raw", "cgfed:model=/a.st", "dp:clip=2,noise=0|raw", "dp:clip=2,noise=0|cgfed:model=/a.st"]
 
 
 def test_codec_name_and_noise_read_back_from_a_spec():
