@@ -136,6 +136,33 @@ def run_missing(cfg, config_path: str, runs: Path, seeds: Sequence[int], noises:
             (out_dir / "wall.json").write_text(json.dumps({"command": cmd, "wall_s": time.perf_counter() - t0}))
 
 
+def noise_passthrough(codecs: Sequence[str], shapes: dict[str, tuple[int, ...]], trials: int = 3,
+                      model_files: Sequence[str] = ()) -> dict[str, dict[str, float]]:
+    """What share of pure DP noise each codec hands the server in one upload (no error feedback):
+    ||decode(encode(z))||² / ||z||² and the cosine of decode(encode(z)) with z, for z ~ N(0, 1) per
+    coordinate over the adapter's `shapes` (the noise dominates a noised upload: its norm is
+    noise · clip · sqrt(d) against the clipped update's clip). Mean over `trials` draws."""
+    import torch
+
+    import gradcodec
+
+    out = {}
+    gen = torch.Generator().manual_seed(0)
+    for spec in codecs:
+        codec = gradcodec.get_codec(spec, seed=0)
+        energy, cos = [], []
+        for _ in range(trials):
+            z = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+            d = gradcodec.decode(codec.encode(z), models=list(model_files))
+            zz = sum(float((t.double() ** 2).sum()) for t in z.values())
+            dd = sum(float((d[k].double() ** 2).sum()) for k in z)
+            zd = sum(float((d[k].double() * z[k].double()).sum()) for k in z)
+            energy.append(dd / zz)
+            cos.append(zd / math.sqrt(zz * dd) if dd else 0.0)
+        out[codec_name(spec)] = {"energy_share": _mean(energy), "cosine": _mean(cos)}
+    return out
+
+
 def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
@@ -240,19 +267,19 @@ def _ci_cell(mean: float, ci: Sequence[float], fmt: str) -> str:
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The Markdown table of docs/results/dp.md."""
-    lines = ["| noise | codec | ε aggregate | ε upload | × raw bytes | seeds | eval loss | accuracy | "
+    lines = ["| noise | codec | ε aggregate | ε upload | compression | seeds | eval loss | accuracy | "
              "Δ loss vs dp raw (95 % CI) | Δ acc vs dp raw, pt | excess loss rise vs raw (95 % CI) |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         noise = "no dp" if r["noise"] is None else f"{r['noise']:g}"
         eps_a, eps_u = r.get("epsilon_aggregate"), r.get("epsilon_upload")
         lines.append(
-            f"| {noise} | `{r['codec']}` | {_f(eps_a, '.3g') if eps_a is not None else '–'} | "
+            f"| {noise} | `{r['codec'].replace('|', chr(92) + '|')}` | {_f(eps_a, '.3g') if eps_a is not None else '–'} | "
             f"{_f(eps_u, '.3g') if eps_u is not None else '–'} | {_f(r['compression'], '.1f')}× | {len(r['seeds'])} | "
             f"{_f(r['eval_loss'], '.3f')} | {_f(100 * r['eval_accuracy'], '.1f')} % | "
             f"{_ci_cell(r.get('loss_vs_dp_raw_mean'), r.get('loss_vs_dp_raw_ci95', []), '.3f')} | "
             f"{_ci_cell(r.get('acc_pt_vs_dp_raw_mean'), r.get('acc_pt_vs_dp_raw_ci95', []), '.1f')} | "
-            f"{_ci_cell(r.get('excess_loss_rise_vs_raw_mean'), r.get('excess_loss_rise_vs_raw_ci95', []), '.3f')} |")
+            f"{_ci_cell(r.get('excess_loss_rise_vs_raw_mean'), r.get('excess_loss_rise_vs_raw_ci95', []), '.3f') if r['noise'] else '–'} |")
     return "\n".join(lines)
 
 
@@ -289,14 +316,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         first = cfg.replace(seed=seeds[0], lora_seed=seeds[0])  # as fedtrain --seeds: the first seed's TGAP pilot
         codecs = [train_learned_codec(c, first) if c == "cgfed" else c for c in CODECS]
         run_missing(cfg, args.config, runs, seeds, [float(n) for n in args.noises.split(",")], clip, codecs)
+    from gradcodec.integrations.fedlora.model import lora_shapes
+
+    model_files = sorted({m for r in collect(runs)[0] for m in re.findall(r"model=([^,|]*)", r["spec"])})
+    cgfed = [f"cgfed:model={m}" for m in model_files[:1]]
+    passthrough = noise_passthrough([c for c in CODECS if c != "cgfed"] + cgfed,
+                                    lora_shapes(cfg.model, cfg.lora_rank, cfg.targets), model_files=model_files)
     per_run, calls = collect(runs)
     sample_rate = cfg.clients_per_round() / cfg.num_clients
     rows = report(per_run, cfg.rounds, sample_rate)
     result = {"command": "python " + " ".join(sys.argv), "delta": DELTA, "clip": clip, "pilot": pilot,
               "sample_rate": sample_rate, "config": dataclasses.asdict(cfg), "calls": calls,
+              "noise_passthrough": passthrough,
               "rows": rows, "runs": per_run}
     Path(args.out).write_text(json.dumps(finite(result), indent=1, default=str))
     print(format_table(rows))
+    print("noise pass-through (one upload of pure N(0,1) noise, no error feedback):",
+          {k: {m: round(v, 4) for m, v in d.items()} for k, d in passthrough.items()})
     print(f"wrote {args.out}")
 
 

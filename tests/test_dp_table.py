@@ -76,3 +76,12 @@ def test_report_pairs_by_seed_against_dp_raw_and_against_the_codec_at_noise_0():
 def test_the_json_has_no_bare_infinity():
     text = json.dumps(dp_table.finite({"a": [math.inf, 1.0], "b": -math.inf}))
     assert json.loads(text) == {"a": ["inf", 1.0], "b": "-inf"}
+
+
+def test_noise_passthrough_is_one_for_raw_and_about_the_kept_share_for_topk():
+    shapes = {"a": (64, 128), "b": (128, 64)}
+    out = dp_table.noise_passthrough(["raw", "topk:ratio=0.01|fp16", "int8"], shapes, trials=2)
+    assert out["raw"] == pytest.approx({"energy_share": 1.0, "cosine": 1.0})
+    # the top 1 % of |z| of a standard normal hold about 7.5 % of its energy (E[z² | |z| > 2.576] ≈ 7.5)
+    assert 0.05 < out["topk:ratio=0.01|fp16"]["energy_share"] < 0.10
+    assert out["int8"]["cosine"] > 0.99
