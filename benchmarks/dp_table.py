@@ -197,13 +197,21 @@ def collect(runs: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             continue
         calls[f"seed-{seed}/{out_dir.name}"] = {"wall_s": wall.get("wall_s"), "command": wall.get("command"),
                                                 "initial_eval_loss": _initial_loss(out_dir)}
+        curves: dict[str, list[float]] = {}
+        for line in (out_dir / "rounds.jsonl").read_text().splitlines() if (out_dir / "rounds.jsonl").exists() else []:
+            rec = json.loads(line)
+            if "eval_loss" in rec:
+                curves.setdefault(rec["codec"], []).append((rec["round"], rec["eval_loss"], rec["eval_accuracy"]))
         for row in rows:
             dp_noise = noise_of(row["codec"])
+            curve = sorted(curves.get(row["codec"], []))
             per_run.append({
                 "seed": seed, "noise": dp_noise, "codec": codec_name(row["codec"]), "spec": row["codec"],
                 **{k: row.get(k) for k in ("eval_loss", "eval_accuracy", "epsilon", "compression",
                                            "uplink_bytes_per_round", "uplink_payload_bytes_per_reply", "error_feedback",
                                            "failed_replies", "uncompressed_replies", "seconds")},
+                "eval_loss_by_round": [c[1] for c in curve], "eval_accuracy_by_round": [c[2] for c in curve],
+                "mean_eval_loss_after_round_0": _mean([c[1] for c in curve if c[0] > 0]),
             })
     return per_run, calls
 
@@ -224,7 +232,9 @@ def report(per_run: Sequence[dict[str, Any]], rounds: int, sample_rate: float) -
                                "eval_accuracy": _mean([r["eval_accuracy"] for r in runs]),
                                "eval_loss_per_seed": [r["eval_loss"] for r in runs],
                                "eval_accuracy_per_seed": [r["eval_accuracy"] for r in runs],
-                               "compression": _mean([r["compression"] for r in runs])}
+                               "compression": _mean([r["compression"] for r in runs]),
+                               "mean_eval_loss_after_round_0": _mean([r.get("mean_eval_loss_after_round_0", math.nan)
+                                                                      for r in runs])}
         if noise is not None:
             row["epsilon_aggregate"] = privacy.epsilon(noise, sample_rate, rounds, DELTA)
             row["epsilon_upload"] = privacy.epsilon(noise / 2, 1.0, rounds, DELTA)
@@ -268,8 +278,8 @@ def _ci_cell(mean: float, ci: Sequence[float], fmt: str) -> str:
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The Markdown table of docs/results/dp.md."""
     lines = ["| noise | codec | ε aggregate | ε upload | compression | seeds | eval loss | accuracy | "
-             "Δ loss vs dp raw (95 % CI) | Δ acc vs dp raw, pt | excess loss rise vs raw (95 % CI) |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "mean loss rounds 1–T | Δ loss vs dp raw (95 % CI) | Δ acc vs dp raw, pt | excess loss rise vs raw (95 % CI) |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         noise = "no dp" if r["noise"] is None else f"{r['noise']:g}"
         eps_a, eps_u = r.get("epsilon_aggregate"), r.get("epsilon_upload")
@@ -277,6 +287,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             f"| {noise} | `{r['codec'].replace('|', chr(92) + '|')}` | {_f(eps_a, '.3g') if eps_a is not None else '–'} | "
             f"{_f(eps_u, '.3g') if eps_u is not None else '–'} | {_f(r['compression'], '.1f')}× | {len(r['seeds'])} | "
             f"{_f(r['eval_loss'], '.3f')} | {_f(100 * r['eval_accuracy'], '.1f')} % | "
+            f"{_f(r.get('mean_eval_loss_after_round_0', math.nan), '.2f')} | "
             f"{_ci_cell(r.get('loss_vs_dp_raw_mean'), r.get('loss_vs_dp_raw_ci95', []), '.3f')} | "
             f"{_ci_cell(r.get('acc_pt_vs_dp_raw_mean'), r.get('acc_pt_vs_dp_raw_ci95', []), '.1f')} | "
             f"{_ci_cell(r.get('excess_loss_rise_vs_raw_mean'), r.get('excess_loss_rise_vs_raw_ci95', []), '.3f') if r['noise'] else '–'} |")
