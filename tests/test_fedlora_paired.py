@@ -82,6 +82,35 @@ def test_write_leaves_every_per_seed_figure_to_recompute_the_cis(tmp_path):
     assert data["raw_eval_loss_by_round"]["0"] == [1.0, 1.0]  # rounds without an evaluation left out
 
 
+def _records(codec: str, loss: float, wire: int) -> list[dict]:
+    base = {"codec": codec, "aggregated": [0, 1], "uplink_message_bytes": wire, "uplink_uncompressed_message_bytes": 1000,
+            "uplink_payload_bytes": wire - 100, "encode_s": 0.01, "decode_s": 0.01, "dropped": {}, "uncompressed_replies": 0,
+            "round_s": 1.0}
+    return [{**base, "round": 0, "eval_loss": 2.0, "eval_accuracy": 0.1},
+            {**base, "round": 1, "eval_loss": loss, "eval_accuracy": 0.5}]
+
+
+def test_from_runs_merges_runs_by_seed_in_both_layouts_and_refuses_a_codec_twice(tmp_path):
+    """raw from one --seeds run (fedtrain's layout), int8 added later (docs/results' gzipped layout)."""
+    import gzip
+
+    for seed, loss in ((0, 1.0), (1, 1.2)):
+        (tmp_path / "a" / f"seed-{seed}").mkdir(parents=True)
+        (tmp_path / "a" / f"seed-{seed}" / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records("raw", loss, 1000)))
+        (tmp_path / "b").mkdir(exist_ok=True)
+        (tmp_path / "b" / f"seed-{seed}-rounds.jsonl.gz").write_bytes(
+            gzip.compress("".join(json.dumps(r) + "\n" for r in _records("int8", loss * 1.01, 250)).encode()))
+    results = paired.from_runs(tmp_path / "a", tmp_path / "b")
+    assert sorted(results) == [0, 1]
+    rows = {r["codec"]: r for r in paired.analyse(paired.per_seed(results))}
+    assert rows["int8"]["rel_loss_diff_ci"] == pytest.approx([0.01, 0.01])
+    assert rows["int8"]["wire_ratio"] == pytest.approx(4.0)
+    with pytest.raises(ValueError, match=r"seed \d: raw found in more than one"):
+        paired.from_runs(tmp_path / "a", tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="no seed-"):
+        paired.from_runs(tmp_path)
+
+
 def test_seeds_and_eval_schedule_settings():
     cfg = FedTrainConfig(seeds="0, 1,2", rounds=12, eval_every=4)
     assert cfg.seed_list == (0, 1, 2)

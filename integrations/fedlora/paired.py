@@ -187,17 +187,47 @@ def raw_curve(records: Sequence[dict[str, Any]]) -> list[float]:
             if r["codec"] == BASELINE and r["round"] > 0 and "eval_loss" in r]
 
 
-def from_runs(out_dir: str | os.PathLike) -> dict[int, FedTrainResult]:
-    """The per-seed results a `--seeds` run left in `out_dir/seed-<s>/` (to redo the analysis)."""
+def from_runs(*dirs: str | os.PathLike) -> dict[int, FedTrainResult]:
+    """The per-seed results that `--seeds` runs left in `dirs`, merged by seed (to redo the analysis, or to
+    add codecs to a finished comparison: the runs are deterministic, so a later run of another codec on
+    the same seeds pairs with the earlier raw). A dir holds `seed-<s>/rounds.jsonl` (what fedtrain writes)
+    or `seed-<s>-rounds.jsonl.gz` (how docs/results keeps them); a codec found twice for a seed is an error.
+    """
     from .report import read_records, summarize
 
-    results = {}
-    for d in sorted(Path(out_dir).glob("seed-*"), key=lambda p: int(p.name[5:])):
-        records = read_records(d / "rounds.jsonl")
-        results[int(d.name[5:])] = FedTrainResult(config={}, records=records, rows=summarize(records), out_dir=str(d))
-    return results
+    records: dict[int, list[dict[str, Any]]] = {}
+    for d in map(Path, dirs):
+        files = [(p.parent.name[5:], p) for p in d.glob("seed-*/rounds.jsonl")]
+        files += [(p.name[5:-len("-rounds.jsonl.gz")], p) for p in d.glob("seed-*-rounds.jsonl.gz")]
+        if not files:
+            raise FileNotFoundError(f"{d}: no seed-<s>/rounds.jsonl or seed-<s>-rounds.jsonl.gz")
+        for seed, path in files:
+            new = read_records(path)
+            mine = records.setdefault(int(seed), [])
+            if twice := {r["codec"] for r in new} & {r["codec"] for r in mine}:
+                raise ValueError(f"seed {seed}: {', '.join(sorted(twice))} found in more than one of the runs")
+            mine += new
+    return {s: FedTrainResult(config={}, records=rs, rows=summarize(rs), out_dir=str(dirs[0]))
+            for s, rs in sorted(records.items())}
 
 
 def convergence(curves: dict[Any, list[float]], last: int = 5) -> dict[Any, float]:
     """Per seed: the relative change of raw's eval loss over its last `last` rounds, (max - min) / final."""
     return {s: (max(c[-last:]) - min(c[-last:])) / c[-1] for s, c in curves.items() if len(c) >= last}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m gradcodec.integrations.fedlora.paired --out DIR RUN...`: the paired analysis of runs merged by seed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("runs", nargs="+", help="out_dirs of `gradcodec fedtrain --seeds` runs (see from_runs)")
+    parser.add_argument("--out", required=True, help="where paired.json, paired.md and rate-distortion.png go")
+    parser.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    rows = write(from_runs(*args.runs), args.out, {"runs": args.runs}, 0.0, args.title)
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,7 @@ Files in the run's `out_dir`:
 """
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -61,8 +62,10 @@ class RecordWriter:
 
 
 def read_records(path: str | os.PathLike) -> list[Record]:
-    """The records of a `rounds.jsonl` file."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The records of a `rounds.jsonl` file (or of a gzipped one, `rounds.jsonl.gz`, as docs/results keeps them)."""
+    path = Path(path)
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
 
 def _mean(values: Sequence[float]) -> float:
