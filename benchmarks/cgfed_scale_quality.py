@@ -51,10 +51,10 @@ _CACHE: dict = {}
 def stacked_tiles(snaps: list[dict], name: str, band: int, normalise: bool) -> torch.Tensor:
     """[bands, N, tile] of factor `name` over the snapshots (each divided by its RMS if `normalise`), cached."""
     key = (id(snaps), name, band, normalise)
-    if key not in _CACHE:
-        _CACHE[key] = torch.stack([band_tiles(u[name] / u[name].square().mean().sqrt().clamp_min(1e-30) if normalise
-                                              else u[name], band) for u in snaps], 1)
-    return _CACHE[key]
+    if key not in _CACHE or _CACHE[key][0] is not snaps:  # the list is kept alive with its entry: ids stay unique
+        _CACHE[key] = (snaps, torch.stack([band_tiles(u[name] / u[name].square().mean().sqrt().clamp_min(1e-30)
+                                                      if normalise else u[name], band) for u in snaps], 1))
+    return _CACHE[key][1]
 
 
 def band_tiles(t: torch.Tensor, band: int) -> torch.Tensor:
