@@ -23,6 +23,7 @@ import time
 import numpy as np
 import torch
 from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 from nvflare.app_opt.pt.quantization.dequantizer import ModelDequantizer
 from nvflare.app_opt.pt.quantization.quantizer import ModelQuantizer
 
@@ -36,7 +37,8 @@ from gradcodec.metrics import distortion
 FLARE_TYPES = ["float16", "adaquant"]
 GRADCODEC_SPECS = ["fp16", "int8", "int4", "int4:block=256|zstd",
                    "topk:ratio=0.1|int8|zstd", "sign"]
-JOB_METHODS = [None, "flare:float16", "flare:adaquant", "int8", "int4", "int4:block=256|zstd"]
+JOB_METHODS = [None, "flare:float16", "flare:adaquant", "int8", "int4", "int4:block=256|zstd", "topk:ratio=0.1|int8|zstd"]
+FLARE_QUANTIZERS = "nvflare.app_opt.pt.quantization."  # not in FLARE's default class allow-list
 
 
 def lora_updates(rounds: int = 3, clients: int = 2, steps: int = 4) -> list[dict[str, torch.Tensor]]:
@@ -119,8 +121,12 @@ def job_losses(rounds: int, workspace: str, methods: list[str | None]) -> list[d
             job.to(ModelDequantizer(), "server", tasks=["train"], filter_type=FilterType.TASK_RESULT)
             for site in ("site-1", "site-2"):
                 job.to(ModelQuantizer(kind), site, tasks=["train"], filter_type=FilterType.TASK_RESULT)
+        job_workspace = os.path.join(workspace, (method or "none").replace(":", "_").replace("|", "_"))
+        os.makedirs(os.path.join(job_workspace, "local"))
+        with open(os.path.join(job_workspace, "local", "resources.json"), "w") as f:  # run_job adds gradcodec
+            json.dump({"class_allow_list": list(DEFAULT_CLASS_ALLOW_LIST) + [FLARE_QUANTIZERS]}, f)
         t0 = time.perf_counter()
-        adapter = run_job(job, os.path.join(workspace, (method or "none").replace(":", "_").replace("|", "_")))
+        adapter = run_job(job, job_workspace)
         rows.append({"method": method or "uncompressed", "eval_loss": eval_loss(adapter, pretrained=True),
                      "job_seconds": time.perf_counter() - t0})
     return rows
@@ -135,33 +141,44 @@ def main() -> None:
                         help="comma-separated uplink methods of the jobs: none, flare:<type>, or a gradcodec spec")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    t_start = time.perf_counter()
     torch.set_num_threads(1)
     updates = lora_updates()
     rows = compare_codecs(updates, args.repeats)
+    raw_bytes = sum(t.numel() * t.element_size() for t in updates[0].values())
     print(f"| method | bytes/update | ratio | rel. L2 error | cosine | encode MB/s | decode MB/s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['bytes_per_update']:,.0f} | {r['ratio']:.1f}x | {r['rel_l2']:.4f} | {r['cosine']:.4f} "
               f"| {r['encode_MBps']:.0f} | {r['decode_MBps']:.0f} |")
-    jobs = []
+    jobs, start = [], None
     if args.jobs:
         with tempfile.TemporaryDirectory() as ws:
             methods = [None if m == "none" else m for m in args.methods.split(",")]
             jobs = job_losses(args.rounds, ws, methods)
-        print("| uplink | final eval loss | job s |")
-        print("|---|---|---|")
+        sizes = {r["method"]: r["bytes_per_update"] for r in rows}
+        for r in jobs:  # one update's bytes as part 1 measured them (a WEIGHTS quantizer ships the same size)
+            label = f"FLARE {r['method'][6:]}" if r["method"].startswith("flare:") else f"gradcodec {r['method']}"
+            r["bytes_per_update"] = sizes.get(label, raw_bytes if r["method"] == "uncompressed" else None)
+        start = eval_loss(lora_state(lora_model(pretrained=True)), pretrained=True)
+        print(f"eval loss of the base with the fresh adapter (before any round): {start:.4f}")
+        print("| uplink | bytes/update | final eval loss | job s |")
+        print("|---|---|---|---|")
         for r in jobs:
-            print(f"| {r['method']} | {r['eval_loss']:.4f} | {r['job_seconds']:.0f} |")
+            size = "?" if r["bytes_per_update"] is None else f"{r['bytes_per_update']:,.0f}"
+            print(f"| {r['method']} | {size} | {r['eval_loss']:.4f} | {r['job_seconds']:.0f} |")
     if args.out:
         import nvflare
 
-        meta = {"command": "python benchmarks/nvflare_compare.py" + (f" --jobs --rounds {args.rounds} --methods '{args.methods}'" if args.jobs else ""),
+        meta = {"command": f"python benchmarks/nvflare_compare.py --repeats {args.repeats}"
+                           + (f" --jobs --rounds {args.rounds} --methods '{args.methods}'" if args.jobs else ""),
+                "wall_s": round(time.perf_counter() - t_start),
                 "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), shared with other jobs; 1 torch thread",
                 "nvflare": nvflare.__version__, "torch": torch.__version__,
                 "updates": f"{len(updates)} LoRA updates (rank 8, q/k/v/o, tiny preset pre-trained), "
                            f"{sum(t.numel() for t in updates[0].values())} values each"}
         with open(args.out, "w") as f:
-            json.dump({"meta": meta, "codecs": rows, "jobs": jobs}, f, indent=1)
+            json.dump({"meta": meta, "codecs": rows, "jobs": jobs, "eval_loss_before_training": start}, f, indent=1)
 
 
 if __name__ == "__main__":
