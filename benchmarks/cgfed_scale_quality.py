@@ -34,6 +34,7 @@ import re
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -212,9 +213,9 @@ def main() -> int:
     out = {"command": "python " + " ".join(sys.argv), "tgap_updates": len(train), "held_out_updates": len(held),
            "layers": layers, "ratio": args.ratio, "wall_s": time.perf_counter() - t0, "rows": rows,
            "real_codec": real}
+    out["machine"] = "2-core CPU shared with other jobs"
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
 
 
