@@ -459,25 +459,29 @@ def _state_keys(codec, name: str) -> tuple[str, str]:
     return RESIDUALS_PREFIX + name, f"{STATE_PREFIX}{codec.spec}:{name}"
 
 
-def _load_state(codec, context: Context, keys: tuple[str, str], record: ArrayRecord) -> None:
-    """Load the saved residuals and codec state; forget the residuals of arrays whose shape changed since."""
+def _load_state(codec, context: Context, keys: tuple[str, str], record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Load the saved residuals and codec state; forget the residuals of arrays whose shape changed since.
+
+    Returns the residuals this reply must carry itself: those an earlier lossy codec left waiting when
+    `codec` has no error feedback (a lossless codec, or feedback off), which adds them to the update
+    (`_split`) instead of keeping them. For a codec with error feedback, its own `residuals`.
+    """
     saved: dict[str, torch.Tensor] = {}
     for key in keys:
         rec = context.state.get(key)
         if isinstance(rec, ArrayRecord):
             saved.update({k: t for k, a in rec.items() if (t := _to_tensor(a)) is not None})
-    if not isinstance(codec, gradcodec.ErrorFeedback):
-        saved = {k: t for k, t in saved.items() if not k.startswith(RESIDUAL)}
-    if not saved:
-        return
+    residuals = {k[len(RESIDUAL):]: saved.pop(k) for k in [k for k in saved if k.startswith(RESIDUAL)]}
+    residuals = {k: r for k, r in residuals.items() if k not in record or tuple(r.shape) == tuple(record[k].shape)}
+    keeps = isinstance(codec, gradcodec.ErrorFeedback)
+    if keeps:
+        saved.update({RESIDUAL + k: r for k, r in residuals.items()})
     try:
         codec.load_state_dict(saved)
     except GradcodecError as e:
         log(logging.WARNING, "gradcodec_mod: discarding saved codec state (%s)", e)
         codec.load_state_dict({})
-        return
-    if isinstance(codec, gradcodec.ErrorFeedback):
-        codec.reset([k for k, r in codec.residuals.items() if k in record and tuple(r.shape) != tuple(record[k].shape)])
+    return codec.residuals if keeps else residuals
 
 
 def _save_state(codec, context: Context, keys: tuple[str, str]) -> None:
@@ -492,16 +496,16 @@ def _save_state(codec, context: Context, keys: tuple[str, str]) -> None:
             context.state.pop(key, None)
 
 
-def _split(record: ArrayRecord, ref: Mapping[str, Array], codec, exact: bool,
-           private: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Array]]:
+def _split(record: ArrayRecord, ref: Mapping[str, Array], residuals: Mapping[str, torch.Tensor], carry: bool,
+           exact: bool, private: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Array]]:
     """What the payload carries for `record` (float updates against `ref`, integer and bool values),
     and the Arrays sent as they are.
 
     Keys returned bitwise unchanged with no residual waiting are in neither: the server has them.
+    carry: add `residuals` to the updates (a codec without error feedback sending what a lossy one left).
     exact: the server holds `ref` bit for bit and the codec is lossless, so each update must rebuild
     its array bit for bit; arrays where float rounding prevents it are sent as they are.
     """
-    residuals = codec.residuals if isinstance(codec, gradcodec.ErrorFeedback) else {}
     tensors: dict[str, torch.Tensor] = {}
     as_is: dict[str, Array] = {}
     for key, array in record.items():
@@ -525,7 +529,9 @@ def _split(record: ArrayRecord, ref: Mapping[str, Array], codec, exact: bool,
             as_is[key] = array  # no reference to measure an update from: the values, exactly
             continue
         update = _delta(local, base)
-        if exact and not _bit_equal(_apply(base, update), local):
+        if carry and key in residuals:
+            tensors[key] = update + residuals[key]  # not the local array any more, by design: no exactness
+        elif exact and not _bit_equal(_apply(base, update), local):
             as_is[key] = array
         else:
             tensors[key] = update
@@ -540,15 +546,15 @@ class _Feedback:
     decay: float = 1.0
     server_round: Any = None
 
-    def age(self, codec, state_key: str, context: Context) -> None:
-        """Scale the residuals of `codec` by decay ** (rounds this client missed since it last sent)."""
-        if not isinstance(codec, gradcodec.ErrorFeedback) or not isinstance(self.server_round, int):
+    def age(self, residuals: Mapping[str, torch.Tensor], state_key: str, context: Context) -> None:
+        """Scale `residuals` by decay ** (rounds this client missed since it last sent)."""
+        if not residuals or not isinstance(self.server_round, int):
             return
         rounds = context.state.get(ROUNDS_KEY)
         last = rounds.get(state_key) if isinstance(rounds, ConfigRecord) else None
         missed = self.server_round - last - 1 if isinstance(last, int) else 0
         if missed > 0 and self.decay < 1.0:
-            for r in codec.residuals.values():
+            for r in residuals.values():
                 r.mul_(self.decay**missed)
 
     def commit(self, state_keys: Iterable[str], context: Context) -> None:
@@ -587,11 +593,12 @@ def _compress_reply(
             continue
         codec, lossless = _codec_for(spec, model, feedback.on, seed, context)
         keys = _state_keys(codec, name)
-        _load_state(codec, context, keys, rec)
-        feedback.age(codec, keys[0], context)
+        residuals = _load_state(codec, context, keys, rec)
+        feedback.age(residuals, keys[0], context)
         # Bit-exact rebuilding is only possible (and checked) against a reference the server holds as is.
         private = getattr(getattr(codec, "codec", codec), "prepass", None) is not None  # ErrorFeedback wraps it
-        tensors, as_is = _split(rec, received[ref_name], codec, lossless and ref_name in exact, private)
+        carry = not isinstance(codec, gradcodec.ErrorFeedback)
+        tensors, as_is = _split(rec, received[ref_name], residuals, carry, lossless and ref_name in exact, private)
         # The server holds the reference: a payload of the full update names its layout by fingerprint.
         by_reference = gradcodec.Layout.of(tensors).fingerprint == update_layout(received[ref_name]).fingerprint
         new[name] = _make_record(codec.encode(tensors, by_reference=by_reference), as_is)

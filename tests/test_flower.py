@@ -254,13 +254,14 @@ def test_a_stale_residual_is_decayed_by_the_rounds_its_client_missed(task_identi
 def test_round_codecs_switch_the_uplink_and_the_next_codec_sends_the_residuals_left_waiting(task_identity):
     """Two rounds of top-k 1 %, then a round of int8 (`round_codecs`): each round's payload has the codec
     asked for, and the int8 round carries what top-k held back: after it, everything sent plus the client's
-    residual is the sum of its updates, and the residual is int8-small."""
+    residual is the sum of its updates, and the residual is int8-small. A later lossless round sends all
+    that is left."""
     n = 4096
     g = ArrayRecord({"x": Array(np.zeros(n, np.float32))})
     updates = [np.random.default_rng(r).standard_normal(n).astype(np.float32) for r in range(3)]
-    wrapper = CompressedStrategy(fedavg(1), uplink_codec="topk:ratio=0.01|raw", round_codecs={3: "int8"})
+    wrapper = CompressedStrategy(fedavg(1), uplink_codec="topk:ratio=0.01|raw", round_codecs={3: "int8", 5: "raw"})
     topk, int8 = gradcodec.get_codec("topk:ratio=0.01|raw").spec, gradcodec.get_codec("int8").spec
-    assert [wrapper.uplink_for(r) for r in (1, 2, 3, 4)] == [topk, topk, int8, topk]
+    assert [wrapper.uplink_for(r) for r in (1, 2, 3, 4, 5)] == [topk, topk, int8, topk, "raw"]
     ctx, mod = new_context(1), gradcodec_mod("raw")
     total = np.zeros(n, np.float32)
     for r, u in enumerate(updates, start=1):
@@ -273,6 +274,17 @@ def test_round_codecs_switch_the_uplink_and_the_next_codec_sends_the_residuals_l
         if r < 3:
             assert np.abs(residual).max() > 1.0  # top-k 1 % leaves most of the update waiting
     assert np.linalg.norm(residual) < 0.02 * np.linalg.norm(np.sum(updates, axis=0))  # flushed by int8
+    # Round 4 (top-k again) holds most of its update back; round 5 is lossless, has no error feedback,
+    # and sends the update plus everything waiting: nothing is left behind, and nothing is lost.
+    for r in (4, 5):
+        u = np.random.default_rng(r + 10).standard_normal(n).astype(np.float32)
+        updates.append(u)
+        current = ArrayRecord({"x": Array(total.copy())})
+        (arrays, _), _ = run_round(wrapper, current, make_app(lambda rec, node, u=u: {"x": rec["x"] + u}), mod, {1: ctx}, r)
+        total = arrays["x"].numpy()
+    assert wrapper.history[5].uplink[1].codec == "raw"
+    assert RESIDUALS_PREFIX + "arrays" not in ctx.state
+    np.testing.assert_allclose(total, np.sum(updates, axis=0), atol=1e-4)
     with pytest.raises(gradcodec.errors.UnknownCodec):
         CompressedStrategy(fedavg(1), round_codecs={3: "nonsense"})
 
