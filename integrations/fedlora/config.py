@@ -31,6 +31,10 @@ DEFAULT_COMPARE = (
 )
 
 
+# The clients' local optimizers (train.train_steps builds them; fresh each round).
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def _opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - argparse's word
     return field(default=default, metadata={"help": help, **kw})
 
@@ -106,8 +110,8 @@ class FedTrainConfig:
             problems.append(f"need local_steps >= 1 or local_epochs > 0, got {self.local_steps} and {self.local_epochs}")
         if not 0 < self.fraction <= 1:
             problems.append(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.optimizer not in ("adamw", "sgd"):
-            problems.append(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             problems.append(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if not 0 <= self.residual_decay <= 1:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .config import OPTIMIZERS
 from .dataset import IGNORE_INDEX, Example, collate, format_prompt, tokenize_example
 from .tokenizer import Tokenizer
 
@@ -32,10 +33,6 @@ def _token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tup
     labels = batch["labels"][:, 1:].to(device)
     losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
     return losses.sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)
-
-
-# Local optimizers: AdamW (the usual LoRA recipe) and plain SGD (smoother dynamics; see fedtrain.md).
-OPTIMIZERS = ("adamw", "sgd")
 
 
 def train_steps(model: torch.nn.Module, params: Iterable[torch.nn.Parameter], features: Sequence[Feature],
