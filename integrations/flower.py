@@ -745,7 +745,9 @@ class CompressedStrategy(Strategy):
         self.downlink_codec = gradcodec.get_codec(downlink_codec).spec if downlink_codec else None
         uplink = gradcodec.get_codec(uplink_codec) if uplink_codec else None
         self.uplink_codec = uplink.spec if uplink is not None else None
-        by_round = {int(r): gradcodec.get_codec(s) for r, s in (round_codecs or {}).items()}
+        if bad := [r for r in (round_codecs or {}) if not isinstance(r, int) or isinstance(r, bool) or r < 1]:
+            raise InvalidInput(f"round_codecs: rounds are server rounds (integers from 1), got {bad}")
+        by_round = {r: gradcodec.get_codec(s) for r, s in (round_codecs or {}).items()}
         self.round_codecs = {r: c.spec for r, c in by_round.items()}
         self.models = _learned_models(uplink, models) + [c.model for c in by_round.values() if c.model is not None]
         # The model each uplink spec asks the clients for, by fingerprint ("" for codecs without one).

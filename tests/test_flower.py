@@ -287,6 +287,8 @@ def test_round_codecs_switch_the_uplink_and_the_next_codec_sends_the_residuals_l
     np.testing.assert_allclose(total, np.sum(updates, axis=0), atol=1e-4)
     with pytest.raises(gradcodec.errors.UnknownCodec):
         CompressedStrategy(fedavg(1), round_codecs={3: "nonsense"})
+    with pytest.raises(gradcodec.errors.InvalidInput, match="rounds are server rounds"):
+        CompressedStrategy(fedavg(1), round_codecs={"3": "int8"})
 
 
 @pytest.mark.parametrize("case", ["nan", "new key"])
