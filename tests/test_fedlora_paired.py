@@ -128,3 +128,6 @@ def test_cosine_lr_schedule():
     assert FedTrainConfig(lr=2e-3).lr_at(7) == 2e-3
     with pytest.raises(ValueError, match="lr_schedule"):
         FedTrainConfig(lr_schedule="step")
+    # the in-process loop (TGAP pilot, benchmarks/fed_divergence.py) runs the same schedule
+    from gradcodec.integrations.fedlora.run import capture_config
+    assert capture_config(cfg).lr_schedule == "cosine" and capture_config(cfg).rounds == 4

@@ -60,6 +60,21 @@ def test_the_codec_in_the_loop_sees_every_update():
     assert torch.equal(rec["update"][b], rec["state"][b])
 
 
+def test_the_in_process_loop_follows_the_cosine_schedule_and_stops_where_told(monkeypatch):
+    from gradcodec.integrations.fedlora import train
+
+    lrs, seen = [], []
+    real = train.local_train
+    monkeypatch.setattr(train, "local_train", lambda *a, **kw: (lrs.append(kw["lr"]), real(*a, **kw))[1])
+    config = CaptureConfig(**{**SMALL_RUN, "rounds": 4, "lr": 2e-3, "lr_schedule": "cosine"})
+    capture = run_federated(config, on_round=lambda rnd, state: seen.append((rnd, len(state))) or rnd >= 2)
+    # the learning rates of rounds 1 and 2 of a 4-round cosine (2 clients a round), then the run stops
+    assert lrs == pytest.approx([2e-3, 2e-3, 1e-3 * (1 + 2 ** -0.5), 1e-3 * (1 + 2 ** -0.5)])
+    assert seen == [(1, 32), (2, 32)] and [r["round"] for r in capture["records"]] == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        CaptureConfig(lr_schedule="step")
+
+
 def test_snapshots_pick_the_representation(capture_file):
     capture = load_capture(capture_file)
     assert snapshots_from_capture(capture)[0] is not capture["records"][0]["update"]

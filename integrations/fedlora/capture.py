@@ -56,6 +56,7 @@ class CaptureConfig:
     rounds: int = 30
     local_steps: int = 10
     lr: float = 1e-3
+    lr_schedule: str = "constant"
     batch_size: int = 16
     optimizer: str = "adamw"
     max_length: int = 128
@@ -72,6 +73,10 @@ class CaptureConfig:
             raise ValueError(f"clients_per_round must be in [1, num_clients={self.num_clients}], got {self.clients_per_round}")
         if self.rounds < 1 or self.local_steps < 1:
             raise ValueError(f"need rounds >= 1 and local_steps >= 1, got {self.rounds} and {self.local_steps}")
+        from .config import LR_SCHEDULES
+
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -104,9 +109,13 @@ def _client_data(config: CaptureConfig, tokenizer):
 
 
 def run_federated(config: CaptureConfig = CaptureConfig(), transmit: Transmit | None = None,
-                  progress: bool = False) -> dict:
-    """Run the FedAvg loop of `config` and return the capture (the dict `save_capture` writes)."""
+                  progress: bool = False, on_round: Callable[[int, Named], bool | None] | None = None) -> dict:
+    """Run the FedAvg loop of `config` and return the capture (the dict `save_capture` writes).
+    `on_round(server_round, global_state)`, if given, sees the global adapter after each round's
+    aggregation and stops the run there by returning True (the learning rates stay those of
+    config.rounds; benchmarks/fed_divergence.py follows the start of two runs' trajectories with it)."""
     from .. import peft
+    from .config import round_lr
     from .train import evaluate, local_train
 
     model, tokenizer = _model_and_tokenizer(config)
@@ -122,7 +131,8 @@ def run_federated(config: CaptureConfig = CaptureConfig(), transmit: Transmit | 
         states, weights = [], []
         for client in chosen:
             peft.load_lora_state(model, global_state)
-            stats = local_train(model, clients[client], tokenizer, steps=config.local_steps, lr=config.lr,
+            stats = local_train(model, clients[client], tokenizer, steps=config.local_steps,
+                                lr=round_lr(config.lr, config.lr_schedule, server_round, config.rounds),
                                 batch_size=config.batch_size, seed=config.seed * 1_000_003 + server_round * 1009 + client,
                                 max_length=config.max_length, optimizer=config.optimizer)
             state = peft.lora_state(model)
@@ -133,6 +143,7 @@ def run_federated(config: CaptureConfig = CaptureConfig(), transmit: Transmit | 
             records.append({"round": rnd, "client": client, "num_examples": stats["num_examples"],
                             "loss": stats["loss"], "update": update, "state": state if config.keep_states else {}})
         global_state = peft.fedavg(states, weights)
+        stop = on_round is not None and on_round(server_round, global_state)
         if held_out:
             peft.load_lora_state(model, global_state)
             result = evaluate(model, held_out, tokenizer, max_length=config.max_length)
@@ -142,4 +153,6 @@ def run_federated(config: CaptureConfig = CaptureConfig(), transmit: Transmit | 
             extra = f", eval loss {history[-1]['eval_loss']:.3f} acc {history[-1]['eval_accuracy']:.3f}" if held_out else ""
             print(f"round {rnd + 1}/{config.rounds}: clients {chosen}, local loss {sum(losses) / len(losses):.3f}{extra}",
                   flush=True)
+        if stop:
+            break
     return {"format": FORMAT, "config": dataclasses.asdict(config), "records": records, "history": history}

@@ -33,6 +33,17 @@ DEFAULT_COMPARE = (
 
 # The clients' local optimizers (train.train_steps builds them; fresh each round).
 OPTIMIZERS = ("adamw", "sgd")
+# How the clients' local learning rate changes over the rounds (round_lr).
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def round_lr(lr: float, schedule: str, server_round: int, rounds: int) -> float:
+    """The clients' local learning rate in `server_round` (1-based) of `rounds`: constant, or a cosine
+    from lr in round 1 to lr * (1 + cos(pi (R-1)/R)) / 2 (about 0.6 % of lr at R = 20) in the last.
+    The Flower app and the in-process loop (capture.run_federated) both take it from here."""
+    if schedule == "constant":
+        return lr
+    return lr * 0.5 * (1 + math.cos(math.pi * (server_round - 1) / rounds))
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - argparse's word
@@ -112,7 +123,7 @@ class FedTrainConfig:
             problems.append(f"fraction must be in (0, 1], got {self.fraction}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
+        if self.lr_schedule not in LR_SCHEDULES:
             problems.append(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if not 0 <= self.residual_decay <= 1:
             problems.append(f"residual_decay must be in [0, 1], got {self.residual_decay}")
@@ -148,11 +159,8 @@ class FedTrainConfig:
         return tuple(int(s) for s in self.seeds.replace(";", ",").split(",") if s.strip())
 
     def lr_at(self, server_round: int) -> float:
-        """The clients' local learning rate in `server_round` (1-based): cosine goes from lr in round 1
-        to lr * (1 + cos(pi (R-1)/R)) / 2 (about 0.6 % of lr at R = 20) in the last."""
-        if self.lr_schedule == "constant":
-            return self.lr
-        return self.lr * 0.5 * (1 + math.cos(math.pi * (server_round - 1) / self.rounds))
+        """The clients' local learning rate in `server_round` (1-based): `round_lr` of this run."""
+        return round_lr(self.lr, self.lr_schedule, server_round, self.rounds)
 
     def evaluates(self, server_round: int) -> bool:
         """Whether the server evaluates the global adapter after `server_round` (0: the initial one)."""

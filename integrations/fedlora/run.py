@@ -26,16 +26,16 @@ from .report import FedTrainResult
 
 def capture_config(cfg: FedTrainConfig, eval_examples: int = 0):
     """The in-process loop's (capture.run_federated) configuration of the same run as `cfg` with raw
-    uplinks: same data, clients, sampling, batches and adapter (constant lr only)."""
+    uplinks: same data, clients, sampling, batches, learning rates and adapter (local_steps only)."""
     from .capture import CaptureConfig
 
-    if cfg.lr_schedule != "constant" or cfg.local_epochs > 0:
-        raise ValueError("the in-process loop runs a constant learning rate and local_steps")
+    if cfg.local_epochs > 0:
+        raise ValueError("the in-process loop runs local_steps, not local_epochs")
     return CaptureConfig(
         model=cfg.model, pretrained=cfg.pretrained, data=cfg.data or None, examples=cfg.train_examples,
         eval_examples=eval_examples, rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, targets=cfg.targets,
         num_clients=cfg.num_clients, clients_per_round=cfg.clients_per_round(), rounds=cfg.rounds,
-        local_steps=cfg.local_steps, lr=cfg.lr, batch_size=cfg.batch_size, optimizer=cfg.optimizer, max_length=cfg.max_length,
+        local_steps=cfg.local_steps, lr=cfg.lr, lr_schedule=cfg.lr_schedule, batch_size=cfg.batch_size, optimizer=cfg.optimizer, max_length=cfg.max_length,
         dirichlet_alpha=cfg.dirichlet_alpha, lora_seed=cfg.lora_seed, seed=cfg.seed, data_seed=cfg.data_seed,
         device=cfg.device, dtype=cfg.dtype, keep_states=False,
     )
