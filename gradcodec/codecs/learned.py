@@ -43,7 +43,7 @@ from .. import kernels, wire
 from ..codec import RAW, Codec, check_finite
 from ..errors import CorruptPayload, InvalidInput, ModelMismatch
 from ..learned.canvas import CanvasLayout
-from ..learned.model import LATENT_QMAX, band_stack, factor_types, unband
+from ..learned.model import LATENT_QMAX, factor_types
 from ..learned.modelfile import LearnedModel, load_model
 from ..registry import build, canonical_spec, register
 from .base import EncodeContext, all_finite, check_section, power_of_two_block
@@ -73,12 +73,17 @@ class CGFedCodec(Codec):
         self._check_options()
         self.model = load_model(model) if model is not None else None
         self.candidates = ([self.model] if self.model else []) + [load_model(m) for m in (models or [])]
+        self._layouts: dict = {}  # (fingerprint, names and shapes) -> (layout, factor types)
 
     def wire_params(self) -> dict[str, Any]:
         return {"bits": self.bits, "latent_block": self.latent_block, "residual": self.residual}
 
     # ------------------------------------------------------------------ helpers
     def _layout(self, shapes: dict[str, tuple[int, ...]], model: LearnedModel) -> CanvasLayout:
+        # a federation sends one adapter every round: its layout (and factor types) are worked out once
+        key = (model.fingerprint, tuple(shapes.items()))
+        if key in self._layouts:
+            return self._layouts[key][0]
         layout = CanvasLayout.for_shapes(shapes, height=model.config.canvas_height)
         if layout.digest() != model.config.layout_digest:
             raise InvalidInput(
@@ -86,7 +91,17 @@ class CGFedCodec(Codec):
                 f"{layout.digest()[:12]}, the AE's {model.config.layout_digest[:12]}): same names, order, shapes "
                 "and rank are needed; train an AE for this adapter (gradcodec train-ae)"
             )
+        if len(self._layouts) >= 8:
+            self._layouts.clear()
+        self._layouts[key] = (layout, factor_types(layout))
         return layout
+
+    def _types(self, layout: CanvasLayout) -> tuple:
+        """factor_types(layout), from the cache _layout filled."""
+        for cached, types in self._layouts.values():
+            if cached is layout:
+                return types
+        return factor_types(layout)
 
     def model_for(self, fingerprint: bytes) -> LearnedModel:
         """The candidate model whose fingerprint a payload names; ModelMismatch when none has it."""
@@ -116,52 +131,66 @@ class CGFedCodec(Codec):
             return decoder(z.view(1, *cfg.latent_shape))[0].contiguous()
 
     def _decode_factors(self, model: LearnedModel, layout: CanvasLayout, scales: torch.Tensor,
-                        latent: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-        """What the AE reconstructs: one float32 tensor per factor, in layout order."""
+                        latent: list[torch.Tensor], device: torch.device, check_finite: bool = False
+                        ) -> tuple[list[torch.Tensor], bool | None]:
+        """What the AE reconstructs: one float32 tensor per factor, in layout order, and, where the decoder
+        checked it on the way (the shared AE, if `check_finite`), whether all are finite, else None."""
         cfg = model.config
-        table = layout.table(device)
-        outputs = [torch.empty(f.shape, dtype=torch.float32, device=device) for f in layout.factors]
         if cfg.arch == "conv":
+            outputs = [torch.empty(f.shape, dtype=torch.float32, device=device) for f in layout.factors]
             canvas = self._decode_canvas(model, latent, device)
-            return kernels.canvas_unpack(table, canvas, scales, layout.height, outputs)
+            outputs = kernels.canvas_unpack(layout.table(device), canvas, scales, layout.height, outputs)
+            return outputs, None
         decoder = model.require("decoder")
         codes = latent[0]
         if self.bits == 4:
             codes = (kernels.unpack_bits(codes, 4, cfg.latent_numel) - 8).to(torch.int8)
         if cfg.arch == "shared":
-            return self._shared_decode(decoder.to(device), layout, codes, scales)
-        return kernels.block_decode(table, codes.view(cfg.latent_shape), scales, layout.height,
-                                    decoder.weight.detach().to(device), decoder.bias.detach().to(device),
-                                    cfg.block_rows, cfg.block_cols, outputs, LATENT_QMAX[self.bits])
+            return self._shared_decode(decoder.to(device), layout, codes, scales, check_finite)
+        outputs = [torch.empty(f.shape, dtype=torch.float32, device=device) for f in layout.factors]
+        outputs = kernels.block_decode(layout.table(device), codes.view(cfg.latent_shape), scales, layout.height,
+                                       decoder.weight.detach().to(device), decoder.bias.detach().to(device),
+                                       cfg.block_rows, cfg.block_cols, outputs, LATENT_QMAX[self.bits])
+        return outputs, None
 
-    def _shared_decode(self, decoder, layout: CanvasLayout, codes: torch.Tensor, scales: torch.Tensor) -> list[torch.Tensor]:
-        types = factor_types(layout)
+    def _shared_decode(self, decoder, layout: CanvasLayout, codes: torch.Tensor, scales: torch.Tensor,
+                       check_finite: bool) -> tuple[list[torch.Tensor], bool | None]:
+        """The factors (SharedDecoder.decode_factors: no band-major intermediate as large as the update)
+        and whether they are finite (if `check_finite`)."""
+        types = self._types(layout)
         u = codes.float().div_(LATENT_QMAX[self.bits])
         latents, at = [], 0
         for (_, a, b, n, band, k) in decoder.config.types:
             size = n * -(-max(a, b) // band) * k
             latents.append(u[at:at + size].view(-1, n, k))
             at += size
-        with torch.no_grad():
-            tiles = decoder(latents, [scales[list(t.members)] for t in types])
+        per_type, finite = decoder.decode_factors(latents, [scales[list(t.members)] for t in types], check_finite)
         outputs: list[torch.Tensor] = [None] * len(layout.factors)  # type: ignore[list-item]
-        for t, cfg_type, y in zip(types, decoder.config.types, tiles):
-            for j, i in enumerate(t.members):
-                outputs[i] = unband(y, j, t.shape, cfg_type[4])
-        return outputs
+        for t, factors in zip(types, per_type):
+            for i, y in zip(t.members, factors):
+                outputs[i] = y
+        return outputs, finite
 
     def _shared_encode(self, encoder, layout: CanvasLayout, sources: list[torch.Tensor],
                        res: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 codes [latent_numel], fp32 scales [factors]) of the shared AE: per type, its factors'
-        tiles stacked band-major (band_stack), codes [bands, layers, latents]."""
-        types = factor_types(layout)
+        tiles stacked band-major (SharedEncoder.encode_factors), codes [bands, layers, latents]."""
+        types = self._types(layout)
         if res is not None:
             sources = [x.float() + r for x, r in zip(sources, res)]
-        scales = torch.stack([torch.linalg.vector_norm(x, dtype=torch.float32) for x in sources])
-        scales /= torch.tensor([math.sqrt(x.numel()) for x in sources], device=scales.device)
-        tiles = [band_stack([sources[i] for i in t.members], cfg_type[4]).float()
-                 for t, cfg_type in zip(types, encoder.config.types)]
-        zs = encoder(tiles, [scales[list(t.members)] for t in types])
+        scales = torch.empty(len(sources), dtype=torch.float32, device=sources[0].device)
+        zs = []
+        # one type at a time (RMS, tiles, product), so that its factors are read while still in cache
+        for i, (t, cfg_type) in enumerate(zip(types, encoder.config.types)):
+            xs = [sources[j] for j in t.members]
+            if all(x.dtype == torch.float32 for x in xs):
+                norms = torch._foreach_norm(xs)  # = vector_norm per tensor, one call
+            else:
+                norms = [torch.linalg.vector_norm(x, dtype=torch.float32) for x in xs]
+            s = torch.stack(norms)
+            s /= torch.full_like(s, math.sqrt(xs[0].numel()))
+            scales[list(t.members)] = s
+            zs.append(encoder.encode_factors(i, xs, s))
         qmax = LATENT_QMAX[self.bits]
         codes = torch.cat([z.reshape(-1) for z in zs]).tanh_().mul_(qmax).add_(0.5).floor_().clamp_(-qmax, qmax)
         return codes.to(torch.int8), scales
@@ -184,7 +213,7 @@ class CGFedCodec(Codec):
         sources = [v.contiguous() if len(dtypes) == 1 and v.dtype != torch.float64 else v.float().contiguous()
                    for v in floats.values()]
         res = [residuals[k] for k in floats] if residuals is not None else None
-        table = layout.table(device)
+        table = layout.table(device) if cfg.arch != "shared" else None  # the shared AE reads no canvas
         with torch.no_grad():
             if cfg.arch == "conv":
                 canvas, scales = kernels.canvas_pack(table, sources, layout.height, cfg.padded_shape, res)
@@ -229,7 +258,7 @@ class CGFedCodec(Codec):
             canvas = self._decode_canvas(model, latent, device)
             kernels.canvas_feedback(table, canvas, scales, layout.height, sources, res)
             return {}
-        decoded = self._decode_factors(model, layout, scales, latent, device)
+        decoded, _ = self._decode_factors(model, layout, scales, latent, device)
         extra = {}
         for i, f in enumerate(layout.factors):
             e = sources[i].float() + (res[i] if res is not None else 0)
@@ -264,7 +293,11 @@ class CGFedCodec(Codec):
         if cfg.arch != "conv":
             self._check_block_codes(latent[0], cfg.latent_numel)
 
-        decoded = dict(zip((f.name for f in layout.factors), self._decode_factors(model, layout, scales, latent, device)))
+        # without a residual stage nothing is added after the AE, and the shared AE's decoder checks
+        # finiteness on its scratch while it is in cache; else the factors are checked at the end
+        factors, finite = self._decode_factors(model, layout, scales, latent, device,
+                                               check_finite=self.residual_stage is None)
+        decoded = dict(zip((f.name for f in layout.factors), factors))
         out = {}
         for entry in msg.tensors:
             if not entry.dtype.is_floating_point:
@@ -279,7 +312,9 @@ class CGFedCodec(Codec):
             if want:
                 t += self.residual_stage.decode([s.to(device) for s in entry.sections], entry.shape).to(device)
             out[entry.name] = t
-        if not all(all_finite(t) for t in out.values() if t.is_floating_point()):
+        if finite is None:
+            finite = all(all_finite(t) for t in factors)
+        if not finite:
             raise CorruptPayload("cgfed payload decodes to non-finite values")
         return out
 

@@ -29,7 +29,10 @@ per tile weights, whatever the number of layers: with 512-value tiles at 1/64 (8
 a layer, 8.4 MB for LLaMA-2-7B q/k/v/o r8 against 33.5 MB for one fp32 update of its 32 layers. It
 works on the factors as they are, with no canvas: a tile is read in the tensor's own orientation (an
 [r, L] LoRA A gives [r, band] tiles), and each factor's RMS scale is applied to the latent, not the
-input. Grouped-query k/v factors are types of their own shape.
+input. Grouped-query k/v factors are types of their own shape. The codec's paths (SharedEncoder.
+encode_factors, SharedDecoder.decode_factors) stage each type's tiles in a reused per-thread scratch
+buffer (scratch_chunks), so that an encode or decode moves the update's bytes about three times and
+allocates nothing the size of the update beyond the decoded factors.
 
 Encoders and decoders are separate modules: a client loads only the encoder, a server only the decoder
 (gradcodec.learned.modelfile).
@@ -40,6 +43,7 @@ import dataclasses
 import json
 import math
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,6 +51,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..codecs.base import all_finite
 from ..errors import InvalidInput
 from .canvas import CanvasLayout
 
@@ -327,13 +332,9 @@ def factor_types(layout: CanvasLayout) -> tuple[FactorType, ...]:
     return tuple(FactorType(p, shape, tuple(m)) for (p, shape), m in groups.items())
 
 
-def band_stack(tensors: Sequence[torch.Tensor], band: int) -> torch.Tensor:
-    """[bands, N, tile]: the tiles of N factors of one shape, band-major (one copy, no other pass).
-
-    A factor's long side is cut into bands of `band` (the last zero-padded); a tile is one band across
-    the whole rank, flattened in the tensor's own orientation: (rank, band) for an [r, L] LoRA A,
-    (band, rank) for an [L, r] LoRA B. Band-major, every band's tiles of all N factors are one matrix,
-    which meets that band's weights in one product."""
+def band_views(tensors: Sequence[torch.Tensor], band: int) -> list[torch.Tensor]:
+    """Each factor as [bands, *tile] (a view; a copy only where the last band is zero-padded): (rank,
+    band) tiles of an [r, L] LoRA A, (band, rank) tiles of an [L, r] LoRA B."""
     a, b = tensors[0].shape
     long = max(a, b)
     bands = -(-long // band)
@@ -342,7 +343,18 @@ def band_stack(tensors: Sequence[torch.Tensor], band: int) -> torch.Tensor:
         if bands * band != long:
             t = F.pad(t, (0, bands * band - b) if a < b else (0, 0, 0, bands * band - a))
         views.append(t.view(a, bands, band).transpose(0, 1) if a < b else t.view(bands, band, b))
-    return torch.stack(views, dim=1).view(bands, len(tensors), -1)
+    return views
+
+
+def band_stack(tensors: Sequence[torch.Tensor], band: int) -> torch.Tensor:
+    """[bands, N, tile]: the tiles of N factors of one shape, band-major (one copy, no other pass).
+
+    A factor's long side is cut into bands of `band` (the last zero-padded); a tile is one band across
+    the whole rank, flattened in the tensor's own orientation: (rank, band) for an [r, L] LoRA A,
+    (band, rank) for an [L, r] LoRA B. Band-major, every band's tiles of all N factors are one matrix,
+    which meets that band's weights in one product."""
+    views = band_views(tensors, band)
+    return torch.stack(views, dim=1).view(views[0].shape[0], len(tensors), -1)
 
 
 def unband(y: torch.Tensor, member: int, shape: tuple[int, int], band: int) -> torch.Tensor:
@@ -386,8 +398,29 @@ class SharedEncoder(nn.Module):
         self.weight, self.bias, self.gain = _shared_params(config, decoder=False)
 
     def forward(self, tiles: Sequence[torch.Tensor], scales: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [torch.bmm(x, self.weight[i].transpose(1, 2)).mul_((self.gain[i] / safe_scales(s))[..., None]).add_(self.bias[i][:, None])
-                for i, (x, s) in enumerate(zip(tiles, scales))]
+        return [self.encode_type(i, x, s) for i, (x, s) in enumerate(zip(tiles, scales))]
+
+    def encode_factors(self, i: int, factors: Sequence[torch.Tensor], scales: torch.Tensor) -> torch.Tensor:
+        """z of type `i` from its factors themselves (float32, one per layer, in member order), no gradient:
+        forward(band_stack(factors)) bit for bit, with the tiles staged chunk by chunk of bands in a reused
+        scratch buffer (scratch_chunks) that the product reads while it is in cache, instead of a fresh
+        type-sized stack."""
+        _, a, b, n, band, k = self.config.types[i]
+        views = band_views(factors, band)
+        bands = views[0].shape[0]
+        if factors[0].dtype != torch.float32 or bands * band != max(a, b):
+            return self.encode_type(i, torch.stack(views, dim=1).view(bands, n, -1).float(), scales)
+        with torch.no_grad():
+            w = self.weight[i].transpose(1, 2)
+            z = torch.empty(bands, n, k, dtype=torch.float32, device=factors[0].device)
+            for b0, b1, t in scratch_chunks(bands, n * band * min(a, b), torch.float32, factors[0].device):
+                tiles = torch.stack([v[b0:b1] for v in views], dim=1, out=t.view(b1 - b0, n, *views[0].shape[1:]))
+                torch.bmm(tiles.view(b1 - b0, n, -1), w[b0:b1], out=z[b0:b1])
+            return z.mul_((self.gain[i] / safe_scales(scales))[..., None]).add_(self.bias[i][:, None])
+
+    def encode_type(self, i: int, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """z of type `i` from its band-major tiles [bands, layers, tile]; forward is this over all types."""
+        return torch.bmm(tiles, self.weight[i].transpose(1, 2)).mul_((self.gain[i] / safe_scales(scales))[..., None]).add_(self.bias[i][:, None])
 
 
 class SharedDecoder(nn.Module):
@@ -408,6 +441,78 @@ class SharedDecoder(nn.Module):
             y = torch.bmm(u * (self.gain[i] * s)[..., None], self.weight[i])
             out.append(y.addcmul_(self.bias[i][:, None], s[:, None]) if self.bias[i].any() else y)
         return out
+
+    def decode_factors(self, latents: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
+                       check_finite: bool = False) -> tuple[list[list[torch.Tensor]], bool | None]:
+        """What forward computes, already as factors (no gradient; the codec's decoder): per type, one
+        new contiguous tensor of its shape per layer, and, with `check_finite`, whether every value is
+        finite (None without).
+
+        Per chunk of bands, the batched product writes its band-major tiles into a scratch buffer that
+        stays in cache (scratch_chunks); the finiteness check reads it there, and each layer's tiles are
+        copied into that layer's factor: the output memory is written once and never read. (The product
+        cannot write the factors' order itself in one call: a band's tiles of one layer are not one row
+        apart, and torch falls back to one small product per band, 3-8x slower. The factors are separate
+        allocations the size of a copy's, which the allocator reuses; one fresh multi-megabyte block per
+        type was new pages, i.e. page faults, on most calls.) Values are those of forward, bit for bit."""
+        out, finite = [], True if check_finite else None
+        with torch.no_grad():
+            for i, ((_, a, b, n, band, k), u, s) in enumerate(zip(self.config.types, latents, scales)):
+                bands, tile = u.shape[0], band * min(a, b)
+                v = u * (self.gain[i] * s)[..., None]
+                bias = self.bias[i] if self.bias[i].any() else None
+                ys = [torch.empty(a, b, dtype=v.dtype, device=v.device) for _ in range(n)]
+                if bands * band != max(a, b):  # the last band is zero-padded: forward, then one copy per factor
+                    t = torch.bmm(v, self.weight[i])
+                    if bias is not None:
+                        t.addcmul_(bias[:, None], s[:, None])
+                    if check_finite:
+                        finite = finite and all_finite(t)
+                    for j, y in enumerate(ys):
+                        y.copy_(unband(t, j, (a, b), band))
+                    out.append(ys)
+                    continue
+                # each factor as [bands, ...] runs of one band: [r, bands, band] of an [r, L] factor
+                runs = [y.view(a, bands, band) if a < b else y.view(bands, tile) for y in ys]
+                for b0, b1, t in scratch_chunks(bands, n * tile, v.dtype, v.device):
+                    t = t.view(b1 - b0, n, tile)
+                    torch.bmm(v[b0:b1], self.weight[i][b0:b1], out=t)
+                    if bias is not None:
+                        t.addcmul_(bias[b0:b1, None], s[:, None])
+                    if check_finite:
+                        finite = finite and all_finite(t)
+                    if a < b:
+                        tv = t.view(b1 - b0, n, a, band)
+                        for j, r in enumerate(runs):
+                            r[:, b0:b1].copy_(tv[:, j].transpose(0, 1))
+                    else:
+                        for j, r in enumerate(runs):
+                            r[b0:b1].copy_(t[:, j])
+                out.append(ys)
+        return out, finite
+
+
+SCRATCH_VALUES = 1 << 21  # 8 MB of fp32 per thread: a chunk of tiles and what it is copied from or to fit in L3
+_scratch = threading.local()
+
+
+def scratch_chunks(bands: int, per_band: int, dtype: torch.dtype, device: torch.device):
+    """(b0, b1, buffer of (b1 - b0) * per_band values) over [0, bands) in chunks of at most
+    SCRATCH_VALUES (at least one band per chunk), the buffer reused across calls of this thread.
+
+    The shared AE's codec paths stage tiles here instead of in a fresh type-sized tensor: a fresh
+    multi-megabyte tensor is new pages from the OS on most calls (glibc returns freed memory at the
+    top of its heap), whose page faults cost more than the copy itself; a reused one stays in cache.
+    Held per thread (one per dtype and device), so concurrent encodes and decodes never share one."""
+    step = max(1, SCRATCH_VALUES // per_band)
+    bufs = _scratch.__dict__.setdefault("bufs", {})
+    need = min(bands, step) * per_band
+    buf = bufs.get((dtype, device))
+    if buf is None or buf.numel() < need:
+        buf = bufs[(dtype, device)] = torch.empty(need, dtype=dtype, device=device)
+    for b0 in range(0, bands, step):
+        b1 = min(bands, b0 + step)
+        yield b0, b1, buf[:(b1 - b0) * per_band]
 
 
 def quantize_tanh(z: torch.Tensor, bits: int = 8) -> torch.Tensor:
