@@ -73,7 +73,7 @@ class CGFedCodec(Codec):
         self._check_options()
         self.model = load_model(model) if model is not None else None
         self.candidates = ([self.model] if self.model else []) + [load_model(m) for m in (models or [])]
-        self._layouts: dict = {}  # (fingerprint, names and shapes) -> (layout, factor types)
+        self._layouts: dict = {}  # (canvas height, layout digest, names and shapes) -> (layout, factor types)
 
     def wire_params(self) -> dict[str, Any]:
         return {"bits": self.bits, "latent_block": self.latent_block, "residual": self.residual}
@@ -81,7 +81,7 @@ class CGFedCodec(Codec):
     # ------------------------------------------------------------------ helpers
     def _layout(self, shapes: dict[str, tuple[int, ...]], model: LearnedModel) -> CanvasLayout:
         # a federation sends one adapter every round: its layout (and factor types) are worked out once
-        key = (model.fingerprint, tuple(shapes.items()))
+        key = (model.config.canvas_height, model.config.layout_digest, tuple(shapes.items()))
         if key in self._layouts:
             return self._layouts[key][0]
         layout = CanvasLayout.for_shapes(shapes, height=model.config.canvas_height)
