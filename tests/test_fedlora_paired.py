@@ -131,3 +131,15 @@ def test_cosine_lr_schedule():
     # the in-process loop (TGAP pilot, benchmarks/fed_divergence.py) runs the same schedule
     from gradcodec.integrations.fedlora.run import capture_config
     assert capture_config(cfg).lr_schedule == "cosine" and capture_config(cfg).rounds == 4
+
+
+def test_the_table_names_the_seed_count_of_each_row_when_they_differ():
+    row = {"wire_bytes_per_round": 1e3, "wire_ratio": 1.0, "payload_bytes_per_client": 1e3, "payload_ratio": 1.0,
+           "eval_loss": 0.3, "eval_accuracy": 0.5, "rel_loss_diff": 0.0, "rel_loss_diff_ci": [0.0, 0.0],
+           "accuracy_diff_pt": 0.0, "accuracy_diff_pt_ci": [0.0, 0.0], "verdict": "baseline"}
+    same = paired.format_table([{**row, "codec": "raw", "seeds": [0, 1, 2]}, {**row, "codec": "int8", "seeds": [0, 1, 2]}])
+    assert "\n3 seeds; Δ" in same
+    mixed = paired.format_table([{**row, "codec": "raw", "seeds": [0, 1, 2, 3, 4]},
+                                 {**row, "codec": "topk:ratio=0.02|int4", "seeds": [0, 1, 2, 3, 4]},
+                                 {**row, "codec": "sign", "seeds": [0, 1, 2]}])
+    assert "\n5 seeds: `raw`, `topk:ratio=0.02\\|int4`; 3 seeds: `sign`; Δ" in mixed

@@ -124,8 +124,15 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             f"| {_pct(r['rel_loss_diff'])} % [{_pct(lo)}, {_pct(hi)}] | {_pt(r['accuracy_diff_pt'])} pt [{_pt(alo)}, {_pt(ahi)}] "
             f"| {r['verdict']} |"
         )
-    n = len(rows[0]["seeds"]) if rows else 0
-    lines.append(f"\n{n} seeds; Δ: paired differences against raw on the same seed, mean and paired-t 95 % CI "
+    counts: dict[int, list[str]] = {}
+    for r in rows:
+        counts.setdefault(len(r["seeds"]), []).append(codec_label(r["codec"]))
+    if len(counts) > 1:  # rows added on fewer seeds (paired.from_runs) say so
+        n = "; ".join(f"{k} seeds: {', '.join(f'`{c}`' for c in v)}".replace("|", chr(92) + "|")
+                      for k, v in sorted(counts.items(), reverse=True))
+    else:
+        n = f"{next(iter(counts), 0)} seeds"
+    lines.append(f"\n{n}; Δ: paired differences against raw on the same seed, mean and paired-t 95 % CI "
                  "(loss relative, accuracy in points); verdict \"within 1 %\" needs both whole CIs inside ±1 % / ±1 pt.")
     return "\n".join(lines)
 
